@@ -1,0 +1,75 @@
+"""Reading images and masks from disk with one-line errors for bad files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from vitqc.data.records import Sample
+from vitqc.errors import VitqcError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as uint8 RGB ``[H, W, 3]``; grayscale becomes 3 identical channels."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = img.convert("RGB")
+    except FileNotFoundError as exc:
+        raise VitqcError(f"image not found: {path}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise VitqcError(f"cannot read image {path}: not a valid image file") from exc
+    return np.asarray(rgb, dtype=np.uint8)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a ground-truth mask as bool ``[H, W]`` (pixels > 127 are defect)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            gray = np.asarray(img.convert("L"))
+    except FileNotFoundError as exc:
+        raise VitqcError(f"mask not found: {path}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise VitqcError(f"cannot read mask {path}: not a valid image file") from exc
+    return gray > 127
+
+
+def load_image(sample: Sample) -> np.ndarray:
+    """The sample's pixels as uint8 RGB ``[H, W, 3]``."""
+    if sample.array is not None:
+        arr = np.asarray(sample.array, dtype=np.uint8)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[:, :, None], 3, axis=2)
+        return arr
+    if sample.path is None:
+        raise VitqcError(f"sample {sample.key} has neither a path nor pixels")
+    return read_image(sample.path)
+
+
+def load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
+    """Ground truth at the image's original resolution.
+
+    Good images get an all-zero mask of ``shape``; a defective image without a mask
+    file returns None (its pixels are left out of pixel metrics). A mask whose size
+    differs from its image is an error naming the file.
+    """
+    if sample.mask_path is None:
+        return np.zeros(shape, dtype=bool) if sample.label == 0 else None
+    mask = read_mask(sample.mask_path)
+    if mask.shape != tuple(shape):
+        raise VitqcError(
+            f"mask {sample.mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image is "
+            f"{shape[1]}x{shape[0]}"
+        )
+    return mask
