@@ -1,0 +1,85 @@
+"""Anomaly heads: one registry, one factory, the paper's hyperparameters as data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vitqc.errors import VitqcError
+from vitqc.heads.base import Head, fuse_maps
+from vitqc.heads.flow import FlowHead
+from vitqc.heads.gmm import GMMHead
+from vitqc.heads.knn import KNNHead
+
+HEADS: dict[str, type[Head]] = {"flow": FlowHead, "gmm": GMMHead, "knn": KNNHead}
+
+# Table 2 of the evaluation paper, keyed by (head, backbone group). "cnn" is the ResNet-50
+# row (also used for other multi-stage CNNs), "swin" the EsViT row, "transformer" the rest.
+PAPER_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("gmm", "cnn"): {
+        "batch_size": 4,
+        "lr": 1e-4,
+        "weight_decay": 1e-4,
+        "head": {"n_components": 50},
+    },
+    ("gmm", "swin"): {
+        "batch_size": 8,
+        "lr": 1e-4,
+        "weight_decay": 1e-4,
+        "head": {"n_components": 100},
+    },
+    ("gmm", "transformer"): {
+        "batch_size": 8,
+        "lr": 1e-4,
+        "weight_decay": 1e-4,
+        "head": {"n_components": 100},
+    },
+    ("flow", "cnn"): {
+        "batch_size": 16,
+        "lr": 1e-4,
+        "weight_decay": 1e-5,
+        "head": {"steps": 8, "hidden_ratio": 0.16},
+    },
+    ("flow", "swin"): {
+        "batch_size": 32,
+        "lr": 1e-4,
+        "weight_decay": 1e-5,
+        "head": {"steps": 20, "hidden_ratio": 0.16},
+    },
+    ("flow", "transformer"): {
+        "batch_size": 32,
+        "lr": 1e-3,
+        "weight_decay": 1e-5,
+        "head": {"steps": 20, "hidden_ratio": 0.16},
+    },
+    ("knn", "cnn"): {"head": {}},
+    ("knn", "swin"): {"head": {}},
+    ("knn", "transformer"): {"head": {}},
+}
+
+
+def backbone_group(backbone_name: str, family: str) -> str:
+    if "swin" in backbone_name:
+        return "swin"
+    return "cnn" if family == "cnn" else "transformer"
+
+
+def head_defaults(head: str, backbone_name: str, family: str) -> dict[str, Any]:
+    """Training and head hyperparameters for a (head, backbone) pair, from Table 2."""
+    if head not in HEADS:
+        raise VitqcError(f"unknown head {head!r} (--head): choose one of {', '.join(HEADS)}")
+    defaults = PAPER_DEFAULTS[(head, backbone_group(backbone_name, family))]
+    return {**defaults, "head": dict(defaults["head"])}
+
+
+def create_head(
+    name: str,
+    feature_channels: list[int],
+    feature_sizes: list[tuple[int, int]],
+    **kwargs: Any,
+) -> Head:
+    if name not in HEADS:
+        raise VitqcError(f"unknown head {name!r} (--head): choose one of {', '.join(HEADS)}")
+    return HEADS[name](feature_channels, feature_sizes, **kwargs)
+
+
+__all__ = ["HEADS", "Head", "create_head", "fuse_maps", "head_defaults", "PAPER_DEFAULTS"]

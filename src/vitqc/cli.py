@@ -1,0 +1,303 @@
+"""The ``vitqc`` command line (typer). Thin: every command calls library functions.
+
+User errors (``VitqcError``) print one line and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from vitqc.errors import VitqcError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Visual quality control: learn what good parts look like, flag and locate defects.",
+)
+
+DataArg = Annotated[Path, typer.Argument(help="dataset folder (MVTec, BTAD, plain folder, MNIST)")]
+FormatOpt = Annotated[
+    str, typer.Option("--format", help="dataset layout: auto, mvtec, btad, folder, mnist")
+]
+CategoryOpt = Annotated[
+    str | None, typer.Option("--category", help="category, when DATA holds several")
+]
+NormalClassOpt = Annotated[
+    int | None, typer.Option("--normal-class", help="MNIST: the digit that is normal")
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="seed for the split and the head")]
+
+
+def _echo(text: str) -> None:
+    typer.echo(text)
+
+
+def _load_dataset(data: Path, fmt: str, category: str | None, normal_class: int | None, seed: int):
+    from vitqc.data.layouts import load_dataset
+
+    return load_dataset(data, format=fmt, category=category, normal_class=normal_class, seed=seed)
+
+
+def _parse_layers(layers: str | None) -> tuple[int, ...] | None:
+    if layers is None:
+        return None
+    try:
+        return tuple(int(x) for x in layers.split(",") if x.strip())
+    except ValueError as exc:
+        raise VitqcError(f"--layers must be comma-separated integers, got {layers!r}") from exc
+
+
+@app.command()
+def fit(
+    data: DataArg,
+    out: Annotated[Path, typer.Option("--out", help="model directory to write")],
+    backbone: Annotated[str, typer.Option(help="backbone name (see `vitqc backbones`)")] = (
+        "tf_efficientnet_lite0"
+    ),
+    head: Annotated[str, typer.Option(help="flow, gmm or knn")] = "flow",
+    layers: Annotated[
+        str | None, typer.Option(help="feature layers/blocks, e.g. 2,3 or 7 (DeiT block)")
+    ] = None,
+    weights: Annotated[
+        str, typer.Option(help="default, hub, package, random or a local weights file")
+    ] = "default",
+    epochs: Annotated[int, typer.Option(help="maximum epochs")] = 500,
+    patience: Annotated[int, typer.Option(help="early-stopping patience (epochs)")] = 30,
+    batch_size: Annotated[int | None, typer.Option(help="default: paper's Table 2")] = None,
+    lr: Annotated[float | None, typer.Option(help="default: paper's Table 2")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="default: paper's Table 2")] = None,
+    components: Annotated[int | None, typer.Option(help="gmm: mixture components")] = None,
+    conditioning: Annotated[
+        str | None, typer.Option(help="gmm: position (default), shared or embedding (paper)")
+    ] = None,
+    flow_steps: Annotated[int | None, typer.Option(help="flow: number of flow steps")] = None,
+    hidden_ratio: Annotated[float | None, typer.Option(help="flow: subnet hidden ratio")] = None,
+    coreset_ratio: Annotated[float | None, typer.Option(help="knn: coreset ratio")] = None,
+    smoothing: Annotated[float, typer.Option(help="Gaussian sigma (px) for maps")] = 4.0,
+    target_fpr: Annotated[
+        float | None, typer.Option(help="fraction of good validation images flagged")
+    ] = None,
+    no_minmax: Annotated[bool, typer.Option(help="skip the per-channel min-max scaling")] = False,
+    cache_dir: Annotated[Path | None, typer.Option(help="feature cache folder")] = None,
+    fmt: FormatOpt = "auto",
+    category: CategoryOpt = None,
+    normal_class: NormalClassOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Train a model on the good training images of DATA and write a model bundle."""
+    from vitqc.bundle import save_bundle
+    from vitqc.pipeline import FitOptions
+    from vitqc.pipeline import fit as run_fit
+
+    if out.exists() and not out.is_dir():
+        raise VitqcError(f"--out {out} exists and is not a directory")
+    dataset = _load_dataset(data, fmt, category, normal_class, seed)
+    head_options: dict[str, Any] = {}
+    for key, value in {
+        "n_components": components,
+        "conditioning": conditioning,
+        "steps": flow_steps,
+        "hidden_ratio": hidden_ratio,
+        "coreset_ratio": coreset_ratio,
+    }.items():
+        if value is not None:
+            head_options[key] = value
+    options = FitOptions(
+        backbone=backbone,
+        layers=_parse_layers(layers),
+        weights=weights,
+        head=head,
+        head_options=head_options,
+        epochs=epochs,
+        patience=patience,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=weight_decay,
+        seed=seed,
+        smoothing_sigma=smoothing,
+        minmax=not no_minmax,
+        target_fpr=target_fpr,
+        cache_dir=cache_dir,
+    )
+    start = time.perf_counter()
+    model, report = run_fit(dataset, options)
+    meta = {
+        "dataset": {"root": str(data), "category": dataset.category, "format": dataset.format},
+        "fit": report.to_dict(),
+    }
+    save_bundle(model, out, meta)
+    _echo(
+        f"fitted {head} on {backbone} ({report.n_train} train / {report.n_val} val images) "
+        f"in {time.perf_counter() - start:.1f} s; threshold {report.calibration.threshold:.4g}"
+    )
+    _echo(f"model written to {out}")
+
+
+@app.command()
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="model directory from `vitqc fit`")],
+    data: DataArg,
+    out: Annotated[Path, typer.Option("--out", help="metrics JSON to write")] = Path(
+        "metrics.json"
+    ),
+    maps: Annotated[Path | None, typer.Option(help="write one figure per test image here")] = None,
+    weights: Annotated[str | None, typer.Option(help="override the backbone weights")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="feature cache folder")] = None,
+    fmt: FormatOpt = "auto",
+    category: CategoryOpt = None,
+    normal_class: NormalClassOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Score the test split of DATA and report image/pixel AUROC, AUPRO, PR-AUC, F1."""
+    from vitqc.backbones.cache import FeatureCache
+    from vitqc.bundle import load_bundle
+    from vitqc.pipeline import score_samples, write_evaluation_figures
+    from vitqc.report.evaluation import (
+        evaluate_predictions,
+        format_metrics_table,
+        write_metrics_json,
+    )
+
+    model, config = load_bundle(model_dir, weights=weights)
+    dataset = _load_dataset(data, fmt, category, normal_class, seed)
+    if not dataset.test:
+        raise VitqcError(f"no test images found in {data}")
+    cache = FeatureCache(cache_dir) if cache_dir else FeatureCache()
+    start = time.perf_counter()
+    scores, score_maps = score_samples(model, dataset.test, cache=cache)
+    result = evaluate_predictions(
+        dataset.test,
+        scores,
+        list(score_maps) if dataset.has_masks else None,
+        float(model.threshold),
+    )
+    result["model"] = str(model_dir)
+    result["data"] = str(data)
+    result["category"] = dataset.category
+    result["seconds"] = time.perf_counter() - start
+    write_metrics_json(out, result)
+    _echo(format_metrics_table(result))
+    if maps is not None:
+        write_evaluation_figures(model, dataset.test, score_maps, maps)
+        _echo(f"figures written to {maps}")
+    _echo(f"metrics written to {out}")
+
+
+@app.command()
+def predict(
+    model_dir: Annotated[Path, typer.Argument(help="model directory from `vitqc fit`")],
+    inputs: Annotated[list[Path], typer.Argument(help="images or folders of images")],
+    out: Annotated[Path, typer.Option("--out", help="folder for overlays and summaries")],
+    weights: Annotated[str | None, typer.Option(help="override the backbone weights")] = None,
+) -> None:
+    """Score new images: decision at the stored threshold, heat-map overlays, CSV/JSON."""
+    from vitqc.atomic import write_json, write_text
+    from vitqc.bundle import load_bundle
+    from vitqc.pipeline import predict_images
+
+    model, _ = load_bundle(model_dir, weights=weights)
+    rows = predict_images(model, inputs, out)
+    write_json(out / "predictions.json", rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "predictions.csv", buf.getvalue())
+    n_bad = sum(r["defective"] for r in rows)
+    _echo(f"{len(rows)} images scored, {n_bad} flagged defective; results in {out}")
+
+
+@app.command()
+def inspect(
+    data: DataArg,
+    as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
+    fmt: FormatOpt = "auto",
+    category: CategoryOpt = None,
+) -> None:
+    """Open every image and mask of DATA and report what was found."""
+    from vitqc.data.inspect import format_inspection, inspect_dataset
+
+    report = inspect_dataset(data, format=fmt, category=category)
+    _echo(json.dumps(report, indent=2, default=str) if as_json else format_inspection(report))
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="folder to write the dataset into")],
+    n_train: Annotated[int, typer.Option(help="good training images")] = 60,
+    n_test_good: Annotated[int, typer.Option(help="good test images")] = 20,
+    n_test_defective: Annotated[int, typer.Option(help="defective test images")] = 30,
+    size: Annotated[int, typer.Option(help="image side in pixels")] = 256,
+    seed: SeedOpt = 0,
+) -> None:
+    """Generate a synthetic MVTec-layout dataset of textured parts with real defects."""
+    from vitqc.data.synth import generate_synthetic
+
+    path = generate_synthetic(
+        out,
+        n_train=n_train,
+        n_test_good=n_test_good,
+        n_test_defective=n_test_defective,
+        size=size,
+        seed=seed,
+    )
+    _echo(f"synthetic dataset written to {path}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="where the demo writes its outputs")] = Path(
+        "vitqc-demo"
+    ),
+    head: Annotated[str, typer.Option(help="flow, gmm or knn")] = "flow",
+    epochs: Annotated[int, typer.Option(help="maximum epochs")] = 40,
+) -> None:
+    """Generate the embedded synthetic dataset, fit the default model offline, evaluate."""
+    from vitqc.demo import run_demo
+
+    run_demo(out, head=head, epochs=epochs, echo=_echo)
+
+
+@app.command()
+def backbones(
+    details: Annotated[
+        bool, typer.Option(help="instantiate each backbone for parameters and feature shapes")
+    ] = True,
+) -> None:
+    """List the registered backbones with parameter counts and feature shapes."""
+    from vitqc.backbones.registry import format_backbone_table
+
+    _echo(format_backbone_table(details=details))
+
+
+def main() -> None:
+    """Console entry point: one-line errors, no tracebacks, for user mistakes."""
+    import click
+
+    try:
+        rc = app(standalone_mode=False)
+    except VitqcError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""FastFlow-style 2-D normalizing flow head (paper §3.2), built from FrEIA AllInOneBlocks.
+
+One flow per feature map; each flow step is an ``AllInOneBlock`` whose coupling subnet
+is conv-ReLU-conv with kernels alternating 3x3 / 1x1, affine clamping 2.0 and hard
+permutations. Trained by maximum likelihood; the patch score is the per-patch negative
+log-likelihood under the standard-normal base, ``0.5 * mean_c z^2`` (log-determinant
+left out, as in FastFlow and the paper's code), averaged over the feature maps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from FrEIA.framework import SequenceINN
+from FrEIA.modules import AllInOneBlock
+from torch import nn
+
+from vitqc.heads.base import FeatureStandardizer, Head, fuse_maps
+
+
+def _subnet(kernel_size: int, hidden_channels: int):
+    padding = kernel_size // 2  # explicit padding: "same" breaks ONNX export
+
+    def build(c_in: int, c_out: int) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(c_in, hidden_channels, kernel_size, padding=padding),
+            nn.ReLU(),
+            nn.Conv2d(hidden_channels, c_out, kernel_size, padding=padding),
+        )
+
+    return build
+
+
+def build_flow(
+    channels: int, size: tuple[int, int], steps: int, hidden_channels: int, clamp: float
+) -> SequenceINN:
+    flow = SequenceINN(channels, *size)
+    for i in range(steps):
+        flow.append(
+            AllInOneBlock,
+            subnet_constructor=_subnet(3 if i % 2 == 0 else 1, hidden_channels),
+            affine_clamping=clamp,
+            permute_soft=False,
+        )
+    return flow
+
+
+class FlowHead(Head):
+    name = "flow"
+
+    def __init__(
+        self,
+        feature_channels: list[int],
+        feature_sizes: list[tuple[int, int]],
+        steps: int = 20,
+        hidden_ratio: float = 0.16,
+        min_hidden: int = 32,
+        clamp: float = 2.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(feature_channels, feature_sizes)
+        self.steps, self.hidden_ratio, self.min_hidden = steps, hidden_ratio, min_hidden
+        self.clamp, self.seed = clamp, seed
+        self.standardize = FeatureStandardizer(feature_channels)
+        # AllInOneBlock draws its hard permutation from numpy's global RNG.
+        state = np.random.get_state()
+        np.random.seed(seed)
+        try:
+            self.flows = nn.ModuleList(
+                build_flow(c, s, steps, self.hidden_channels(c), clamp)
+                for c, s in zip(feature_channels, self.feature_sizes, strict=True)
+            )
+        finally:
+            np.random.set_state(state)
+
+    def hidden_channels(self, channels: int) -> int:
+        """hidden ratio x channels, floored so small CNN stages keep a usable subnet."""
+        return max(self.min_hidden, round(self.hidden_ratio * channels))
+
+    def prepare(self, train_features: list[torch.Tensor]) -> None:
+        self.standardize.fit(train_features)
+
+    def _latents(self, features: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [flow(f) for flow, f in zip(self.flows, self.standardize(features), strict=True)]
+
+    def loss(self, features: list[torch.Tensor]) -> torch.Tensor:
+        total = 0.0
+        for z, log_jac in self._latents(features):
+            dims = z[0].numel()
+            total = total + torch.mean(0.5 * z.pow(2).flatten(1).sum(1) - log_jac) / dims
+        return total / len(self.flows)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return fuse_maps([0.5 * z.pow(2).mean(1) for z, _ in self._latents(features)])
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "hidden_ratio": self.hidden_ratio,
+            "min_hidden": self.min_hidden,
+            "clamp": self.clamp,
+            "seed": self.seed,
+        }

@@ -1,0 +1,170 @@
+"""Gaussian-mixture density head (paper §3.2), with the papers' code bugs fixed.
+
+Small MLPs produce the mixture weights, means and standard deviations of a
+*multivariate* diagonal Gaussian mixture per feature map; the patch score is the
+negative log-likelihood ``-log sum_k pi_k N(x; mu_k, diag(sigma_k^2))``, computed with
+log-sum-exp over components of (log weight + sum over dimensions of the log density).
+No sampling anywhere: evaluation is deterministic.
+
+What the MLPs are conditioned on:
+- ``"position"`` (default): a learned embedding of the patch's grid position, so the
+  mixture can differ between, say, the border and the centre of a part, but never
+  sees the vector it scores.
+- ``"shared"``: one mixture for every position (a classic GMM trained by SGD).
+- ``"embedding"``: the paper's variant, conditioned on the very embedding it scores.
+  The head can then place a component on its input and call everything likely; kept
+  only to reproduce the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitqc.heads.base import FeatureStandardizer, Head, fuse_maps
+
+CONDITIONINGS = ("position", "shared", "embedding")
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def mixture_nll(
+    x: torch.Tensor, logits: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """Negative log-likelihood of ``x [..., D]`` under a diagonal Gaussian mixture.
+
+    ``logits [..., K]``, ``mean`` and ``std [..., K, D]`` broadcast against ``x``.
+    """
+    z = (x.unsqueeze(-2) - mean) / std
+    log_density = -0.5 * (z.pow(2) + _LOG_2PI).sum(-1) - std.log().sum(-1)
+    return -torch.logsumexp(F.log_softmax(logits, dim=-1) + log_density, dim=-1)
+
+
+class MixtureDensity(nn.Module):
+    """Mixture parameters for one feature map of ``dim`` channels on a ``grid``."""
+
+    def __init__(
+        self,
+        dim: int,
+        grid: tuple[int, int],
+        n_components: int,
+        conditioning: str,
+        hidden: int,
+        min_std: float,
+    ) -> None:
+        super().__init__()
+        self.dim, self.k, self.conditioning, self.min_std = dim, n_components, conditioning, min_std
+        n_positions = grid[0] * grid[1]
+        if conditioning == "embedding":
+            cond_dim = dim
+        elif conditioning == "position":
+            cond_dim = hidden
+            self.position = nn.Parameter(0.02 * torch.randn(n_positions, hidden))
+        else:
+            cond_dim = hidden
+            self.position = nn.Parameter(torch.zeros(1, hidden))
+        self.trunk = nn.Sequential(nn.Linear(cond_dim, hidden), nn.GELU())
+        self.to_logits = nn.Linear(hidden, n_components)
+        self.to_mean = nn.Linear(hidden, n_components * dim)
+        self.to_std = nn.Linear(hidden, n_components * dim)
+
+    @torch.no_grad()
+    def init_from_data(self, patches: torch.Tensor, generator: torch.Generator) -> None:
+        """Start the means on random training patches and the stds near one."""
+        idx = torch.randint(0, patches.shape[0], (self.k,), generator=generator)
+        for layer in (self.to_mean, self.to_std, self.to_logits):
+            layer.weight.mul_(0.01)
+        self.to_mean.bias.copy_(patches[idx].reshape(-1))
+        # softplus(b) + min_std == 1
+        self.to_std.bias.fill_(math.log(math.expm1(1.0 - self.min_std)))
+        self.to_logits.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """NLL per patch: ``x [B, P, D] -> [B, P]``."""
+        cond = x if self.conditioning == "embedding" else self.position
+        h = self.trunk(cond)
+        logits = self.to_logits(h)
+        mean = self.to_mean(h).unflatten(-1, (self.k, self.dim))
+        std = F.softplus(self.to_std(h)).unflatten(-1, (self.k, self.dim)) + self.min_std
+        if self.conditioning == "embedding":
+            return mixture_nll(x, logits, mean, std)
+        return _shared_mixture_nll(x, logits, mean, std)
+
+
+def _shared_mixture_nll(
+    x: torch.Tensor, logits: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> torch.Tensor:
+    """``mixture_nll`` for parameters shared over the batch (``[P or 1, K, D]``).
+
+    Expands the square so memory is ``B x P x K`` instead of ``B x P x K x D``.
+    """
+    inv_var = std.pow(-2)
+    quad = (
+        torch.einsum("bpd,pkd->bpk", x.pow(2), inv_var.expand(x.shape[1], -1, -1))
+        - 2 * torch.einsum("bpd,pkd->bpk", x, (mean * inv_var).expand(x.shape[1], -1, -1))
+        + (mean.pow(2) * inv_var).sum(-1)
+    )
+    log_density = -0.5 * (quad.clamp_min(0) + x.shape[-1] * _LOG_2PI) - std.log().sum(-1)
+    return -torch.logsumexp(F.log_softmax(logits, dim=-1) + log_density, dim=-1)
+
+
+class GMMHead(Head):
+    name = "gmm"
+
+    def __init__(
+        self,
+        feature_channels: list[int],
+        feature_sizes: list[tuple[int, int]],
+        n_components: int = 100,
+        conditioning: str = "position",
+        hidden: int = 64,
+        min_std: float = 0.05,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(feature_channels, feature_sizes)
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
+        self.n_components, self.conditioning, self.hidden = n_components, conditioning, hidden
+        self.min_std, self.seed = min_std, seed
+        self.standardize = FeatureStandardizer(feature_channels)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            self.mixtures = nn.ModuleList(
+                MixtureDensity(c, s, n_components, conditioning, hidden, min_std)
+                for c, s in zip(feature_channels, self.feature_sizes, strict=True)
+            )
+
+    def prepare(self, train_features: list[torch.Tensor]) -> None:
+        self.standardize.fit(train_features)
+        generator = torch.Generator().manual_seed(self.seed)
+        for mixture, f in zip(self.mixtures, self.standardize(train_features), strict=True):
+            mixture.init_from_data(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), generator)
+
+    def _nll_maps(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        maps = []
+        for mixture, f in zip(self.mixtures, self.standardize(features), strict=True):
+            b, c, h, w = f.shape
+            nll = mixture(f.permute(0, 2, 3, 1).reshape(b, h * w, c))
+            maps.append(nll.reshape(b, h, w))
+        return maps
+
+    def loss(self, features: list[torch.Tensor]) -> torch.Tensor:
+        maps = self._nll_maps(features)
+        return sum(m.mean() / c for m, c in zip(maps, self.feature_channels, strict=True)) / len(maps)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return fuse_maps(
+            [m / c for m, c in zip(self._nll_maps(features), self.feature_channels, strict=True)]
+        )
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "n_components": self.n_components,
+            "conditioning": self.conditioning,
+            "hidden": self.hidden,
+            "min_std": self.min_std,
+            "seed": self.seed,
+        }

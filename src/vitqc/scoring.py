@@ -1,0 +1,93 @@
+"""From feature maps to anomaly maps and image scores, with calibration as buffers.
+
+``AnomalyModel`` is a plain ``nn.Module`` (anomalib style): preprocessing, frozen
+backbone, head and calibration values in one object that returns tensors. Training
+loops and file handling live elsewhere. Every score is computed per image, so an
+image scores the same whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitqc.calibration import Calibration
+from vitqc.heads.base import Head
+
+
+def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``[B, H, W]`` maps (edge-replicate padding); sigma in px."""
+    if sigma <= 0:
+        return maps
+    radius = max(1, int(math.ceil(4 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    out = F.pad(maps[:, None], (radius, radius, radius, radius), mode="replicate")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
+    out = F.conv2d(out, kernel.view(1, 1, -1, 1))
+    return out[:, 0]
+
+
+def upsample_maps(patch_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear ``[B, h, w] -> [B, H, W]``."""
+    if tuple(patch_maps.shape[-2:]) == tuple(size):
+        return patch_maps
+    return F.interpolate(patch_maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+class AnomalyModel(nn.Module):
+    """Preprocessor + frozen backbone + head; calibration travels as buffers.
+
+    ``forward(x01)`` takes images resized to the backbone's input size with values in
+    [0, 1] and returns ``(maps [B, H, W], image_scores [B])`` in raw head units; the
+    image score is the maximum of the (smoothed) map. ``normalize_*`` map raw values
+    with the validation-derived calibration.
+    """
+
+    def __init__(
+        self,
+        preprocessor: nn.Module,
+        extractor: nn.Module,
+        head: Head,
+        smoothing_sigma: float = 4.0,
+    ) -> None:
+        super().__init__()
+        self.preprocessor = preprocessor
+        self.extractor = extractor
+        self.head = head
+        self.smoothing_sigma = float(smoothing_sigma)
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+        self.register_buffer("map_low", torch.tensor(0.0))
+        self.register_buffer("map_high", torch.tensor(1.0))
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return tuple(self.extractor.input_size)
+
+    def features(self, x01: torch.Tensor) -> list[torch.Tensor]:
+        with torch.inference_mode():
+            return self.extractor(self.preprocessor(x01))
+
+    def maps_from_features(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head on (cached) features -> maps at input size and image scores."""
+        with torch.no_grad():
+            self.head.eval()
+            patch = self.head([f.float() for f in features])
+            maps = gaussian_smooth(upsample_maps(patch, self.input_size), self.smoothing_sigma)
+        return maps, maps.flatten(1).max(1).values
+
+    def forward(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.maps_from_features([f.clone() for f in self.features(x01)])
+
+    def set_calibration(self, calibration: Calibration) -> None:
+        self.threshold.fill_(float(calibration.threshold))
+        self.map_low.fill_(float(calibration.map_low))
+        self.map_high.fill_(float(calibration.map_high))
+
+    def normalize(self, values: torch.Tensor) -> torch.Tensor:
+        """Raw scores to the calibrated range (validation-derived, not batch-derived)."""
+        return (values - self.map_low) / (self.map_high - self.map_low).clamp_min(1e-12)

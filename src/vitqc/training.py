@@ -1,0 +1,106 @@
+"""The one training loop for every trainable head, on cached features.
+
+Adam, shuffled mini-batches from a seeded generator, validation loss after every
+epoch, early stopping with patience, and the best weights restored from a *copy*
+(the papers' code kept live references, so "best" was overwritten by later epochs).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 500
+    patience: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_val_loss: float
+    epochs_run: int
+    seconds: float
+    history: list[tuple[float, float]] = field(default_factory=list)
+
+
+def _batches(features: list[torch.Tensor], batch_size: int, order: torch.Tensor | None = None):
+    n = features[0].shape[0]
+    idx = order if order is not None else torch.arange(n)
+    for start in range(0, n, batch_size):
+        take = idx[start : start + batch_size]
+        yield [f[take] for f in features]
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, features: list[torch.Tensor], batch_size: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for batch in _batches(features, batch_size):
+        n = batch[0].shape[0]
+        total += float(model.loss(batch)) * n
+        count += n
+    return total / max(count, 1)
+
+
+def train_head(
+    head: nn.Module,
+    train_features: list[torch.Tensor],
+    val_features: list[torch.Tensor],
+    config: TrainConfig,
+) -> TrainResult:
+    """Fit ``head`` by its own ``loss``; stop when validation loss stalls."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    n_train = train_features[0].shape[0]
+    best_state = copy.deepcopy(head.state_dict())
+    best_loss, best_epoch, history = math.inf, 0, []
+    start = time.perf_counter()
+    bar = tqdm(
+        range(1, config.epochs + 1),
+        desc=f"train {getattr(head, 'name', 'head')}",
+        unit="epoch",
+        disable=not config.progress,
+        leave=False,
+    )
+    epoch = 0
+    for epoch in bar:
+        head.train()
+        running, seen = 0.0, 0
+        order = torch.randperm(n_train, generator=generator)
+        for batch in _batches(train_features, config.batch_size, order):
+            loss = head.loss(batch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"training loss became {float(loss)} at epoch {epoch}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running += float(loss.detach()) * batch[0].shape[0]
+            seen += batch[0].shape[0]
+        train_loss = running / seen
+        val_loss = evaluate_loss(head, val_features, config.batch_size)
+        history.append((train_loss, val_loss))
+        if val_loss < best_loss:
+            best_loss, best_epoch = val_loss, epoch
+            best_state = copy.deepcopy(head.state_dict())
+        bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=best_epoch)
+        if epoch - best_epoch >= config.patience:
+            break
+    bar.close()
+    head.load_state_dict(best_state)
+    head.eval()
+    return TrainResult(best_epoch, best_loss, epoch, time.perf_counter() - start, history)
