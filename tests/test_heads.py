@@ -46,8 +46,10 @@ def test_mixture_nll_matches_scipy():
     std = rng.uniform(0.3, 2.0, size=(k, d))
     log_w = logits - logsumexp(logits)
     expected = np.array(
-        [-logsumexp([log_w[j] + norm.logpdf(x[i], mean[j], std[j]).sum() for j in range(k)])
-         for i in range(n)]
+        [
+            -logsumexp([log_w[j] + norm.logpdf(x[i], mean[j], std[j]).sum() for j in range(k)])
+            for i in range(n)
+        ]
     )
     t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
     got = mixture_nll(t(x), t(logits), t(mean), t(std)).numpy()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vitqc import __version__
@@ -64,7 +64,9 @@ def model_config(model: AnomalyModel) -> dict[str, Any]:
     }
 
 
-def save_bundle(model: AnomalyModel, out_dir: str | Path, meta: dict[str, Any] | None = None) -> Path:
+def save_bundle(
+    model: AnomalyModel, out_dir: str | Path, meta: dict[str, Any] | None = None
+) -> Path:
     """Write the bundle atomically: an existing bundle is replaced only when complete."""
     own, backbone = _split_state(model)
     config = model_config(model)
@@ -97,7 +99,7 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except FileNotFoundError as exc:
         raise VitqcError(f"model weights missing: {path}") from exc
-    except (SafetensorsError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError) as exc:
         raise VitqcError(f"corrupt model weights {path}: {exc}") from exc
 
 

@@ -70,6 +70,9 @@ def fit(
     weights: Annotated[
         str, typer.Option(help="default, hub, package, random or a local weights file")
     ] = "default",
+    image_size: Annotated[
+        int | None, typer.Option(help="input size in pixels (default: the backbone's)")
+    ] = None,
     epochs: Annotated[int, typer.Option(help="maximum epochs")] = 500,
     patience: Annotated[int, typer.Option(help="early-stopping patience (epochs)")] = 30,
     batch_size: Annotated[int | None, typer.Option(help="default: paper's Table 2")] = None,
@@ -115,6 +118,7 @@ def fit(
         backbone=backbone,
         layers=_parse_layers(layers),
         weights=weights,
+        image_size=image_size,
         head=head,
         head_options=head_options,
         epochs=epochs,
@@ -279,6 +283,15 @@ def backbones(
     from vitqc.backbones.registry import format_backbone_table
 
     _echo(format_backbone_table(details=details))
+
+
+def _register_bench_commands() -> None:
+    from vitqc.cli_bench import register
+
+    register(app)
+
+
+_register_bench_commands()
 
 
 def main() -> None:

@@ -36,6 +36,7 @@ class FitOptions:
     backbone: str = "tf_efficientnet_lite0"
     layers: tuple[int, ...] | None = None
     weights: str = "default"
+    image_size: int | None = None
     head: str = "flow"
     head_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 500
@@ -95,7 +96,12 @@ def build_preprocessor(extractor, train: Sequence[Sample], minmax: bool) -> Prep
 def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]:
     if not dataset.train:
         raise VitqcError(f"empty training set in {dataset.name}/{dataset.category}")
-    extractor = create_backbone(options.backbone, layers=options.layers, weights=options.weights)
+    extractor = create_backbone(
+        options.backbone,
+        layers=options.layers,
+        weights=options.weights,
+        image_size=options.image_size,
+    )
     defaults = head_defaults(options.head, extractor.name, extractor.family)
     train_cfg = TrainConfig(
         epochs=options.epochs,
@@ -177,7 +183,7 @@ def score_samples(
 
 
 def _display_maps(model: AnomalyModel, maps: np.ndarray) -> tuple[np.ndarray, float]:
-    norm = model.normalize(torch.from_numpy(np.asarray(maps, dtype=np.float32))).numpy()
+    norm = model.normalize(torch.tensor(np.asarray(maps, dtype=np.float32))).numpy()
     thr = float(model.normalize(model.threshold.clone()))
     return norm, thr
 

@@ -23,7 +23,7 @@ def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return maps
     radius = max(1, int(math.ceil(4 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype)
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
     kernel = kernel / kernel.sum()
     out = F.pad(maps[:, None], (radius, radius, radius, radius), mode="replicate")
@@ -76,9 +76,14 @@ class AnomalyModel(nn.Module):
         """Head on (cached) features -> maps at input size and image scores."""
         with torch.no_grad():
             self.head.eval()
-            patch = self.head([f.float() for f in features])
+            features = [f.float() for f in features]
+            patch = self.head(features)
             maps = gaussian_smooth(upsample_maps(patch, self.input_size), self.smoothing_sigma)
-        return maps, maps.flatten(1).max(1).values
+            # A head may define its own image-level score (VT-ADL's loss terms);
+            # otherwise the image score is the maximum of the map.
+            image_scores = getattr(self.head, "image_scores", None)
+            scores = image_scores(features) if image_scores is not None else None
+        return maps, scores if scores is not None else maps.flatten(1).max(1).values
 
     def forward(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.maps_from_features([f.clone() for f in self.features(x01)])

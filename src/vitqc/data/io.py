@@ -14,7 +14,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
 def is_image_file(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    """Whether ``path`` is a visible file with an image extension (case-insensitive)."""
+    suffix_ok = path.suffix.lower() in IMAGE_EXTENSIONS
+    return suffix_ok and not path.name.startswith(".") and path.is_file()
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -28,7 +30,7 @@ def read_image(path: str | Path) -> np.ndarray:
         raise VitqcError(f"image not found: {path}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise VitqcError(f"cannot read image {path}: not a valid image file") from exc
-    return np.asarray(rgb, dtype=np.uint8)
+    return np.array(rgb, dtype=np.uint8)  # a writable copy (asarray of a PIL image is read-only)
 
 
 def read_mask(path: str | Path) -> np.ndarray:

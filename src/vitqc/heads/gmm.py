@@ -153,7 +153,9 @@ class GMMHead(Head):
 
     def loss(self, features: list[torch.Tensor]) -> torch.Tensor:
         maps = self._nll_maps(features)
-        return sum(m.mean() / c for m, c in zip(maps, self.feature_channels, strict=True)) / len(maps)
+        return sum(m.mean() / c for m, c in zip(maps, self.feature_channels, strict=True)) / len(
+            maps
+        )
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         return fuse_maps(

@@ -90,7 +90,11 @@ class KNNHead(Head):
         bank_size: int = 0,
     ) -> None:
         super().__init__(feature_channels, feature_sizes)
-        self.coreset_ratio, self.max_bank, self.neighbourhood = coreset_ratio, max_bank, neighbourhood
+        self.coreset_ratio, self.max_bank, self.neighbourhood = (
+            coreset_ratio,
+            max_bank,
+            neighbourhood,
+        )
         self.projection_dim, self.seed = projection_dim, seed
         self.register_buffer(
             "bank", torch.zeros(bank_size, sum(feature_channels), dtype=torch.float16)

