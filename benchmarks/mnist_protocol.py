@@ -13,95 +13,27 @@ For VT-ADL the JSON also holds the AUROC of each image-score candidate: the trai
 loss (the paper's detection score), the maximum of the smoothed NLL map, and each loss
 term alone (mean / max patch NLL, MSE, 1 - SSIM).
 
-Until the ``pixels`` backbone is in the registry, a stand-in identity extractor (28 px,
-mean = std = 0.5) is swapped into ``vitqc.pipeline`` so the same ``fit`` path runs.
+``--backbone pixels`` (the identity backbone VT-ADL trains on) runs at ``--image-size``
+(28 by default: the digits' own size, where the head picks its "mnist" preset).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-import vitqc.pipeline as pipeline
-from vitqc.backbones import create_backbone
 from vitqc.backbones.cache import FeatureCache
 from vitqc.data.layouts import load_dataset
-from vitqc.errors import VitqcError
 from vitqc.metrics import image_auroc
 from vitqc.pipeline import FitOptions, fit, iter_image_batches, score_samples
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-
-
-class StandInPixels(nn.Module):
-    """The identity "backbone": the preprocessed image is the feature map."""
-
-    name = "pixels"
-    timm_name = "pixels"
-    layers = (0,)
-    family = "cnn"
-    weights_source = "none"
-    weights_hash = "none"
-    apply_norm = False
-
-    def __init__(self, image_size: tuple[int, int] = (28, 28)) -> None:
-        super().__init__()
-        self.input_size = tuple(image_size)
-        self.mean = (0.5, 0.5, 0.5)
-        self.std = (0.5, 0.5, 0.5)
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [x.float().clone()]
-
-    def feature_shapes(self) -> list[tuple[int, int, int]]:
-        return [(3, *self.input_size)]
-
-    @property
-    def feature_channels(self) -> list[int]:
-        return [3]
-
-    def spec_dict(self) -> dict[str, Any]:
-        return {
-            "name": "pixels",
-            "input_size": list(self.input_size),
-            "layers": [0],
-            "weights_source": self.weights_source,
-            "weights_hash": self.weights_hash,
-            "family": self.family,
-        }
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(f"pixels{self.input_size}".encode()).hexdigest()[:16]
-
-
-def pixels_registered() -> bool:
-    try:
-        create_backbone("pixels")
-    except (VitqcError, RuntimeError, ValueError, TypeError):
-        return False
-    return True
-
-
-def use_stand_in(image_size: int):
-    """Swap the stand-in into ``vitqc.pipeline``; returns the function to restore."""
-    real = pipeline.create_backbone
-
-    def create(name: str, *args: Any, **kwargs: Any):
-        if name == "pixels":
-            return StandInPixels((image_size, image_size))
-        return real(name, *args, **kwargs)
-
-    pipeline.create_backbone = create
-    return real
 
 
 def parse_digits(text: str) -> list[int]:
@@ -194,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoothing-sigma", type=float, default=1.0)
-    ap.add_argument("--image-size", type=int, default=28, help="stand-in pixels backbone only")
+    ap.add_argument("--image-size", type=int, default=28, help="pixels backbone only")
     ap.add_argument("--head-option", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--limit-train", type=int, default=0)
     ap.add_argument("--limit-test", type=int, default=0)
@@ -204,15 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    restore = None
-    if args.backbone == "pixels" and not pixels_registered():
-        print("note: no 'pixels' backbone registered yet; using the stand-in", file=sys.stderr)
-        restore = use_stand_in(args.image_size)
-    try:
-        return run(args)
-    finally:
-        if restore is not None:
-            pipeline.create_backbone = restore
+    return run(args)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -220,6 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     options = FitOptions(
         backbone=args.backbone,
         layers=tuple(int(v) for v in args.layers.split(",")) if args.layers else None,
+        image_size=args.image_size if args.backbone == "pixels" else None,
         head=args.head,
         head_options=parse_options(args.head_option),
         epochs=args.epochs,

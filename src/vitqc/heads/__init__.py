@@ -9,8 +9,14 @@ from vitqc.heads.base import Head, fuse_maps
 from vitqc.heads.flow import FlowHead
 from vitqc.heads.gmm import GMMHead
 from vitqc.heads.knn import KNNHead
+from vitqc.heads.vtadl import VTADLHead
 
-HEADS: dict[str, type[Head]] = {"flow": FlowHead, "gmm": GMMHead, "knn": KNNHead}
+HEADS: dict[str, type[Head]] = {
+    "flow": FlowHead,
+    "gmm": GMMHead,
+    "knn": KNNHead,
+    "vtadl": VTADLHead,
+}
 
 # Table 2 of the evaluation paper, keyed by (head, backbone group). "cnn" is the ResNet-50
 # row (also used for other multi-stage CNNs), "swin" the EsViT row, "transformer" the rest.
@@ -54,6 +60,11 @@ PAPER_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
     ("knn", "cnn"): {"head": {}},
     ("knn", "swin"): {"head": {}},
     ("knn", "transformer"): {"head": {}},
+    # VT-ADL trains its own ViT on the image (``pixels`` backbone); the original code's
+    # Adam settings and batch size, whatever group the backbone falls in.
+    ("vtadl", "cnn"): {"batch_size": 8, "lr": 1e-4, "weight_decay": 1e-4, "head": {}},
+    ("vtadl", "swin"): {"batch_size": 8, "lr": 1e-4, "weight_decay": 1e-4, "head": {}},
+    ("vtadl", "transformer"): {"batch_size": 8, "lr": 1e-4, "weight_decay": 1e-4, "head": {}},
 }
 
 
