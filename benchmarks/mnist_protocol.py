@@ -14,7 +14,11 @@ loss (the paper's detection score), the maximum of the smoothed NLL map, and eac
 term alone (mean / max patch NLL, MSE, 1 - SSIM).
 
 ``--backbone pixels`` (the identity backbone VT-ADL trains on) runs at ``--image-size``
-(28 by default: the digits' own size, where the head picks its "mnist" preset).
+(28 by default: the digits' own size, where the head picks its "mnist" preset); other
+backbones at their own input size unless ``--image-size`` is given, e.g.
+
+    .venv/bin/python benchmarks/mnist_protocol.py --head knn \
+        --backbone tf_efficientnet_lite0 --image-size 64 --out /tmp/mnist_knn64.json
 """
 
 from __future__ import annotations
@@ -126,7 +130,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lr", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoothing-sigma", type=float, default=1.0)
-    ap.add_argument("--image-size", type=int, default=28, help="pixels backbone only")
+    ap.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input side (default: 28 for pixels, else the backbone's own size)",
+    )
     ap.add_argument("--head-option", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--limit-train", type=int, default=0)
     ap.add_argument("--limit-test", type=int, default=0)
@@ -144,7 +153,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     options = FitOptions(
         backbone=args.backbone,
         layers=tuple(int(v) for v in args.layers.split(",")) if args.layers else None,
-        image_size=args.image_size if args.backbone == "pixels" else None,
+        image_size=args.image_size or (28 if args.backbone == "pixels" else None),
         head=args.head,
         head_options=parse_options(args.head_option),
         epochs=args.epochs,

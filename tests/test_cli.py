@@ -111,6 +111,9 @@ def test_bad_inputs_give_one_line_errors(fitted, tmp_path, synth_root):
     assert_one_line_error(
         run_cli("fit", synth_root, "--out", tmp_path / "m", "--head", "magic"), "magic"
     )
+    assert_one_line_error(
+        run_cli("fit", synth_root, "--out", tmp_path / "m", "--image-score", "top:2"), "top:2"
+    )
     empty = tmp_path / "empty" / "train" / "good"
     empty.mkdir(parents=True)
     assert_one_line_error(run_cli("fit", tmp_path / "empty", "--out", tmp_path / "m"), "empty")
@@ -132,7 +135,12 @@ def test_bad_inputs_give_one_line_errors(fitted, tmp_path, synth_root):
 def test_bundle_round_trip_gives_identical_scores(synth_root, tmp_path):
     dataset = load_dataset(synth_root, category="tile")
     options = FitOptions(
-        head="flow", epochs=2, patience=2, cache_dir=tmp_path / "c", progress=False
+        head="flow",
+        epochs=2,
+        patience=2,
+        cache_dir=tmp_path / "c",
+        progress=False,
+        image_score="top:0.05",
     )
     options.head_options = {"steps": 2}
     model, _ = fit(dataset, options)
@@ -143,6 +151,10 @@ def test_bundle_round_trip_gives_identical_scores(synth_root, tmp_path):
     np.testing.assert_array_equal(scores, scores2)
     np.testing.assert_array_equal(maps, maps2)
     assert float(loaded.threshold) == float(model.threshold)
+    assert loaded.image_score == config["image_score"] == "top:0.05"
+    # the image score is the mean of the top 5 % of each (original-size) map's pixels
+    top = [np.sort(m.ravel())[-max(1, round(0.05 * m.size)) :].mean() for m in maps]
+    assert np.corrcoef(top, scores)[0, 1] > 0.99
     # batch independence of the whole model: one image alone scores as in a batch
     alone, _ = score_samples(loaded, dataset.test[:1], progress=False)
     assert alone[0] == pytest.approx(scores[0], rel=1e-5)

@@ -9,7 +9,8 @@ from scipy.special import logsumexp
 from scipy.stats import norm
 
 from vitqc.heads import PAPER_DEFAULTS, create_head, fuse_maps, head_defaults
-from vitqc.heads.gmm import _shared_mixture_nll, mixture_nll
+from vitqc.heads.base import FeatureStandardizer
+from vitqc.heads.gmm import GMMHead, _shared_mixture_nll, fit_diagonal_gmm, mixture_nll
 from vitqc.heads.knn import greedy_coreset
 from vitqc.training import TrainConfig, evaluate_loss, train_head
 
@@ -161,3 +162,64 @@ def test_paper_defaults_follow_table_2():
     flow_deit = head_defaults("flow", "deit_base_distilled_patch16_224", "transformer")
     assert flow_deit["head"]["steps"] == 20 and flow_deit["lr"] == 1e-3
     assert head_defaults("flow", "swin_tiny_patch4_window7_224", "transformer")["lr"] == 1e-4
+
+
+def test_backbone_head_overrides_replace_table_2_where_it_has_no_row():
+    lite = head_defaults("flow", "tf_efficientnet_lite0", "cnn")
+    assert lite["head"] == {"steps": 8, "hidden_ratio": 1.0}  # steps still from Table 2
+    assert lite["batch_size"] == 32 and lite["lr"] == 1e-3 and lite["weight_decay"] == 1e-5
+    # the override is a copy: the registry's data stays as it was
+    lite["head"]["steps"] = 99
+    assert head_defaults("flow", "tf_efficientnet_lite1", "cnn")["head"]["steps"] == 8
+    # what the override leaves out comes from Table 2's ResNet-50 row
+    gmm = head_defaults("gmm", "tf_efficientnet_lite0", "cnn")
+    assert gmm["head"] == {"n_components": 50} and gmm["batch_size"] == 32
+    assert head_defaults("knn", "tf_efficientnet_lite0", "cnn") == head_defaults(
+        "knn", "resnet50", "cnn"
+    )
+
+
+def test_em_initialization_recovers_two_clusters():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 3, generator=g) * 0.2 + torch.tensor([3.0, 0.0, 0.0])
+    b = torch.randn(200, 3, generator=g) * 0.5 - torch.tensor([3.0, 0.0, 0.0])
+    log_w, means, stds = fit_diagonal_gmm(torch.cat([a, b]), 2, generator=g)
+    order = means[:, 0].argsort(descending=True)
+    torch.testing.assert_close(log_w[order].exp(), torch.tensor([2 / 3, 1 / 3]), atol=0.02, rtol=0)
+    torch.testing.assert_close(means[order, 0], torch.tensor([3.0, -3.0]), atol=0.1, rtol=0)
+    torch.testing.assert_close(stds[order].mean(1), torch.tensor([0.2, 0.5]), atol=0.05, rtol=0)
+
+
+def test_gmm_head_starts_at_the_em_mixture(data):
+    """Before any training step, every position scores like one classic diagonal GMM."""
+    head = GMMHead(CHANNELS[:1], SIZES[:1], n_components=3, conditioning="position")
+    head.prepare(data["train"][:1])
+    good = data["good"][:1]
+    x = head.standardize(good)[0].permute(0, 2, 3, 1).reshape(-1, 8)
+    mixture = head.mixtures[0]
+    with torch.no_grad():
+        h = mixture.trunk(mixture.position)
+        logits, mean = mixture.to_logits(h), mixture.to_mean(h).unflatten(-1, (3, 8))
+        std = torch.nn.functional.softplus(mixture.to_std(h)).unflatten(-1, (3, 8))
+    std = std + mixture.min_std
+    # the position-dependent part is small next to the EM fit it starts from
+    assert float((mean - mean.mean(0)).abs().max()) < 0.05 * float(mean.abs().max())
+    with torch.no_grad():
+        nll = head._nll_maps(good)[0].flatten()
+    direct = mixture_nll(x, logits.mean(0), mean.mean(0), std.mean(0))
+    torch.testing.assert_close(nll, direct, atol=0.05, rtol=0.02)
+
+
+def test_whitening_decorrelates_training_features():
+    g = torch.Generator().manual_seed(3)
+    mix = torch.eye(6) + 0.4 * torch.randn(6, 6, generator=g)  # well conditioned
+    f = torch.einsum("oc,bchw->bohw", mix, torch.randn(20, 6, 5, 5, generator=g)) + 2.0
+    standardizer = FeatureStandardizer([6], whiten=True)
+    standardizer.fit([f])
+    out = standardizer([f])[0].transpose(0, 1).reshape(6, -1)
+    torch.testing.assert_close(out.mean(1), torch.zeros(6), atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cov(out), torch.eye(6), atol=1e-3, rtol=0)
+    plain = FeatureStandardizer([6])
+    plain.fit([f])
+    corr = torch.cov(plain([f])[0].transpose(0, 1).reshape(6, -1))
+    assert float((corr - torch.diag(corr.diag())).abs().max()) > 0.3  # only scaled

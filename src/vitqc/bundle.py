@@ -56,6 +56,7 @@ def model_config(model: AnomalyModel) -> dict[str, Any]:
             "config": head.config(),
         },
         "smoothing_sigma": model.smoothing_sigma,
+        "image_score": model.image_score,
         "calibration": {
             "threshold": float(model.threshold),
             "map_low": float(model.map_low),
@@ -132,7 +133,13 @@ def load_bundle(bundle_dir: str | Path, weights: str | None = None) -> tuple[Ano
         **head_cfg["config"],
     )
     pre = Preprocessor.from_config(config["preprocessing"])
-    model = AnomalyModel(pre, extractor, head, smoothing_sigma=config["smoothing_sigma"])
+    model = AnomalyModel(
+        pre,
+        extractor,
+        head,
+        smoothing_sigma=config["smoothing_sigma"],
+        image_score=config.get("image_score", "max"),
+    )
     state = _load_tensors(bundle_dir / WEIGHTS_FILE)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("extractor.")]

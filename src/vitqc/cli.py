@@ -86,6 +86,10 @@ def fit(
     hidden_ratio: Annotated[float | None, typer.Option(help="flow: subnet hidden ratio")] = None,
     coreset_ratio: Annotated[float | None, typer.Option(help="knn: coreset ratio")] = None,
     smoothing: Annotated[float, typer.Option(help="Gaussian sigma (px) for maps")] = 4.0,
+    image_score: Annotated[
+        str,
+        typer.Option(help="map -> image score: max (paper), mean, or top:F (mean of top F)"),
+    ] = "max",
     target_fpr: Annotated[
         float | None, typer.Option(help="fraction of good validation images flagged")
     ] = None,
@@ -100,9 +104,11 @@ def fit(
     from vitqc.bundle import save_bundle
     from vitqc.pipeline import FitOptions
     from vitqc.pipeline import fit as run_fit
+    from vitqc.scoring import parse_image_score
 
     if out.exists() and not out.is_dir():
         raise VitqcError(f"--out {out} exists and is not a directory")
+    parse_image_score(image_score)
     dataset = _load_dataset(data, fmt, category, normal_class, seed)
     head_options: dict[str, Any] = {}
     for key, value in {
@@ -128,6 +134,7 @@ def fit(
         weight_decay=weight_decay,
         seed=seed,
         smoothing_sigma=smoothing,
+        image_score=image_score,
         minmax=not no_minmax,
         target_fpr=target_fpr,
         cache_dir=cache_dir,

@@ -58,6 +58,9 @@ def benchmark(
         typer.Option(help="weights for one backbone, NAME=SOURCE (repeatable; e.g. EsViT)"),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="seed for the split and the heads")] = None,
+    image_score: Annotated[
+        str | None, typer.Option(help="map -> image score: max (default), mean or top:F")
+    ] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="dataset layout (auto)")] = None,
     db: Annotated[Path | None, typer.Option(help="results database (results.sqlite)")] = None,
     config: Annotated[
@@ -106,6 +109,7 @@ def benchmark(
         "weights": weights,
         "backbone_weights": _parse_backbone_weights(backbone_weights),
         "seed": seed,
+        "image_score": image_score,
         "format": fmt,
         "preset": preset,
         "timing": timing,

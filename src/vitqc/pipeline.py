@@ -46,6 +46,7 @@ class FitOptions:
     weight_decay: float | None = None
     seed: int = 0
     smoothing_sigma: float = 4.0
+    image_score: str = "max"
     minmax: bool = True
     calibration: str = "fpr"
     target_fpr: float | None = None
@@ -130,7 +131,13 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
     head.prepare(train_feats)
     result = train_head(head, train_feats, val_feats, train_cfg) if head.trainable else None
     head.eval()
-    model = AnomalyModel(pre, extractor, head, smoothing_sigma=options.smoothing_sigma)
+    model = AnomalyModel(
+        pre,
+        extractor,
+        head,
+        smoothing_sigma=options.smoothing_sigma,
+        image_score=options.image_score,
+    )
     val_scores, val_maps = score_features(model, val_feats)
     cal_kwargs = {} if options.target_fpr is None else {"target_fpr": options.target_fpr}
     calibration = fit_calibration(val_scores, val_maps, method=options.calibration, **cal_kwargs)

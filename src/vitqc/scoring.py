@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitqc.calibration import Calibration
+from vitqc.errors import VitqcError
 from vitqc.heads.base import Head
 
 
@@ -39,12 +40,50 @@ def upsample_maps(patch_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     return F.interpolate(patch_maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
+#: How a map becomes an image score. "max" (the papers') suits small, local defects;
+#: "mean" suits diffuse ones (uneven texture, discoloration) and is steadier against a
+#: single hot pixel; "top:F" is the mean of the highest fraction F of the map, between
+#: the two. Heads with their own image score (VT-ADL's loss) ignore it.
+IMAGE_SCORES = ("max", "mean", "top:F")
+
+
+def parse_image_score(name: str) -> float:
+    """The fraction of the map an image score averages over: "max" -> 0, "mean" -> 1."""
+    if name == "max":
+        return 0.0
+    if name == "mean":
+        return 1.0
+    kind, _, value = name.partition(":")
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = -1.0
+    if kind != "top" or not 0 < fraction <= 1:
+        raise VitqcError(
+            f"image score {name!r}: use max, mean or top:F with 0 < F <= 1 (e.g. top:0.01)"
+        )
+    return fraction
+
+
+def aggregate_maps(maps: torch.Tensor, image_score: str = "max") -> torch.Tensor:
+    """Image scores ``[B]`` from maps ``[B, H, W]`` (each image on its own)."""
+    fraction = parse_image_score(image_score)
+    flat = maps.flatten(1)
+    if fraction == 0:
+        return flat.max(1).values
+    if fraction == 1:
+        return flat.mean(1)
+    k = max(1, round(fraction * flat.shape[1]))
+    return flat.topk(k, dim=1).values.mean(1)
+
+
 class AnomalyModel(nn.Module):
     """Preprocessor + frozen backbone + head; calibration travels as buffers.
 
     ``forward(x01)`` takes images resized to the backbone's input size with values in
     [0, 1] and returns ``(maps [B, H, W], image_scores [B])`` in raw head units; the
-    image score is the maximum of the (smoothed) map. ``normalize_*`` map raw values
+    image score aggregates the (smoothed) map (``image_score``, default its maximum).
+    ``normalize_*`` map raw values
     with the validation-derived calibration.
     """
 
@@ -54,8 +93,11 @@ class AnomalyModel(nn.Module):
         extractor: nn.Module,
         head: Head,
         smoothing_sigma: float = 4.0,
+        image_score: str = "max",
     ) -> None:
         super().__init__()
+        parse_image_score(image_score)
+        self.image_score = image_score
         self.preprocessor = preprocessor
         self.extractor = extractor
         self.head = head
@@ -80,10 +122,10 @@ class AnomalyModel(nn.Module):
             patch = self.head(features)
             maps = gaussian_smooth(upsample_maps(patch, self.input_size), self.smoothing_sigma)
             # A head may define its own image-level score (VT-ADL's loss terms);
-            # otherwise the image score is the maximum of the map.
+            # otherwise the image score aggregates the map.
             image_scores = getattr(self.head, "image_scores", None)
             scores = image_scores(features) if image_scores is not None else None
-        return maps, scores if scores is not None else maps.flatten(1).max(1).values
+        return maps, scores if scores is not None else aggregate_maps(maps, self.image_score)
 
     def forward(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.maps_from_features([f.clone() for f in self.features(x01)])

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from torch import nn
@@ -36,13 +36,27 @@ class BackboneSpec:
     default_weights: str  # "hub" | "package"
     description: str
     paper_label: str
+    #: Per-head training / head settings that replace the paper's Table 2 row for this
+    #: backbone (Table 2 has no row for backbones the paper did not use).
+    head_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["default_layers"] = list(self.default_layers)
         d["input_size"] = list(self.input_size)
+        d["head_overrides"] = {k: dict(v) for k, v in self.head_overrides.items()}
         return d
 
+
+# EfficientNet-Lite stages have 40 and 112 channels, against ResNet-50's 512-1024 for which
+# Table 2 set the flow's hidden ratio 0.16: at 0.16 the coupling subnets would get 6-18
+# hidden channels. Ratio 1.0 (anomalib's FastFlow setting for small CNNs), batch 32 and
+# lr 1e-3 trained the flow to a better validation loss on magnetic_tile (session-2 notes);
+# the GMM starts from an EM fit and only needs the larger batch and step to refine it.
+_LITE_HEAD_OVERRIDES: dict[str, dict[str, Any]] = {
+    "flow": {"batch_size": 32, "lr": 1e-3, "head": {"hidden_ratio": 1.0}},
+    "gmm": {"batch_size": 32, "lr": 1e-3},
+}
 
 _SPECS = (
     BackboneSpec(
@@ -57,6 +71,7 @@ _SPECS = (
             "offline); stride-8 and stride-16 stages"
         ),
         paper_label="EfficientNet-Lite0 (offline default)",
+        head_overrides=_LITE_HEAD_OVERRIDES,
     ),
     BackboneSpec(
         name="tf_efficientnet_lite1",
@@ -70,6 +85,7 @@ _SPECS = (
             "offline); a second offline CNN to compare against; stride-8 and stride-16 stages"
         ),
         paper_label="EfficientNet-Lite1 (offline)",
+        head_overrides=_LITE_HEAD_OVERRIDES,
     ),
     BackboneSpec(
         name="deit_base_distilled_patch16_224",

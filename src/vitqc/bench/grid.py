@@ -218,6 +218,7 @@ class GridSpec:
     weights: str = "default"
     head_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     smoothing_sigma: float = 4.0
+    image_score: str = "max"
     target_fpr: float | None = None
     timing: bool = True
     timing_repeats: int = 3
@@ -246,6 +247,7 @@ _SPEC_KEYS = {
     "backbone_weights",
     "head_options",
     "smoothing_sigma",
+    "image_score",
     "target_fpr",
     "timing",
     "timing_repeats",
@@ -365,6 +367,7 @@ def spec_from_config(config: Mapping[str, Any]) -> GridSpec:
         "weight_decay": float,
         "weights": str,
         "smoothing_sigma": float,
+        "image_score": str,
         "target_fpr": float,
         "timing": _as_bool,
         "timing_repeats": int,
@@ -386,6 +389,9 @@ def spec_from_config(config: Mapping[str, Any]) -> GridSpec:
         if not isinstance(cfg["head_options"], Mapping):
             raise VitqcError("head_options must map a head name to its options")
         spec.head_options = {str(k): dict(v or {}) for k, v in cfg["head_options"].items()}
+    from vitqc.scoring import parse_image_score
+
+    parse_image_score(spec.image_score)
     if spec.epochs < 1:
         raise VitqcError(f"--epochs must be at least 1, got {spec.epochs}")
     return spec
@@ -430,6 +436,7 @@ class Cell:
             "seed": spec.seed,
             "val_fraction": spec.val_fraction,
             "smoothing_sigma": spec.smoothing_sigma,
+            **({"image_score": spec.image_score} if spec.image_score != "max" else {}),
             "target_fpr": spec.target_fpr,
         }
 
@@ -553,6 +560,7 @@ def run_cell(
         weight_decay=spec.weight_decay,
         seed=spec.seed,
         smoothing_sigma=spec.smoothing_sigma,
+        image_score=spec.image_score,
         target_fpr=spec.target_fpr,
         cache_dir=cache_dir,
         progress=progress,

@@ -75,11 +75,19 @@ def backbone_group(backbone_name: str, family: str) -> str:
 
 
 def head_defaults(head: str, backbone_name: str, family: str) -> dict[str, Any]:
-    """Training and head hyperparameters for a (head, backbone) pair, from Table 2."""
+    """Training and head hyperparameters for a (head, backbone) pair: Table 2, with the
+    backbone's own ``head_overrides`` (registry data) where the paper has no row for it."""
     if head not in HEADS:
         raise VitqcError(f"unknown head {head!r} (--head): choose one of {', '.join(HEADS)}")
+    from vitqc.backbones.registry import get_spec
+
     defaults = PAPER_DEFAULTS[(head, backbone_group(backbone_name, family))]
-    return {**defaults, "head": dict(defaults["head"])}
+    out = {**defaults, "head": dict(defaults["head"])}
+    spec = get_spec(backbone_name)
+    override = dict(spec.head_overrides.get(head, {})) if spec is not None else {}
+    out["head"].update(override.pop("head", {}))
+    out.update(override)
+    return out
 
 
 def create_head(

@@ -15,32 +15,47 @@ from torch import nn
 
 
 class FeatureStandardizer(nn.Module):
-    """Per-channel mean/std of the training features, kept as buffers.
+    """Per-channel mean/std of the training features, or a PCA whitening, as buffers.
 
-    Density heads train faster and more stably on unit-scale inputs; the statistics
-    come from the training split only and travel with the weights.
+    Density heads train faster and more stably on unit-scale inputs. ``whiten=True``
+    also decorrelates the channels (training covariance -> identity), which a diagonal
+    Gaussian mixture cannot model itself: backbone channels are strongly correlated.
+    The statistics come from the training split only and travel with the weights.
     """
 
-    def __init__(self, channels: list[int]) -> None:
+    def __init__(self, channels: list[int], whiten: bool = False) -> None:
         super().__init__()
+        self.whiten = whiten
         for i, c in enumerate(channels):
             self.register_buffer(f"mean_{i}", torch.zeros(c))
             self.register_buffer(f"std_{i}", torch.ones(c))
+            if whiten:
+                self.register_buffer(f"whitening_{i}", torch.eye(c))
         self.n_layers = len(channels)
 
     @torch.no_grad()
     def fit(self, features: list[torch.Tensor]) -> None:
         for i, f in enumerate(features):
             flat = f.transpose(0, 1).reshape(f.shape[1], -1).double()
-            getattr(self, f"mean_{i}").copy_(flat.mean(1).float())
+            mean = flat.mean(1)
+            getattr(self, f"mean_{i}").copy_(mean.float())
             getattr(self, f"std_{i}").copy_(flat.std(1).clamp_min(1e-6).float())
+            if self.whiten:
+                centered = flat - mean[:, None]
+                cov = centered @ centered.T / max(1, flat.shape[1] - 1)
+                eigval, eigvec = torch.linalg.eigh(cov)
+                # floor tiny eigenvalues so near-constant directions are not blown up
+                eigval = eigval.clamp_min(1e-4 * float(eigval.max()))
+                getattr(self, f"whitening_{i}").copy_((eigvec / eigval.sqrt()).T.float())
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
         for i, f in enumerate(features):
             mean = getattr(self, f"mean_{i}").view(1, -1, 1, 1)
-            std = getattr(self, f"std_{i}").view(1, -1, 1, 1)
-            out.append((f - mean) / std)
+            if self.whiten:
+                out.append(torch.einsum("oc,bchw->bohw", getattr(self, f"whitening_{i}"), f - mean))
+            else:
+                out.append((f - mean) / getattr(self, f"std_{i}").view(1, -1, 1, 1))
         return out
 
 

@@ -43,6 +43,40 @@ def mixture_nll(
     return -torch.logsumexp(F.log_softmax(logits, dim=-1) + log_density, dim=-1)
 
 
+def fit_diagonal_gmm(
+    x: torch.Tensor,
+    n_components: int,
+    iterations: int = 30,
+    min_std: float = 0.05,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expectation-maximization for a diagonal Gaussian mixture on ``x [N, D]``.
+
+    Returns ``(log_weights [K], means [K, D], stds [K, D])``. Used to start the head's
+    mixture where a classic GMM fit would end, so gradient training refines it (per
+    position, say) instead of spending hundreds of epochs finding the components.
+    """
+    x = x.double()
+    n = x.shape[0]
+    k = min(n_components, n)
+    means = x[torch.randperm(n, generator=generator)[:k]].clone()
+    var = x.var(0, unbiased=False).expand(k, -1).clone().clamp_min(min_std**2)
+    log_w = torch.full((k,), -math.log(k), dtype=x.dtype)
+    for _ in range(iterations):
+        z2 = x.pow(2) @ (1 / var).T - 2 * x @ (means / var).T + (means.pow(2) / var).sum(1)
+        log_p = log_w - 0.5 * (z2 + var.log().sum(1) + x.shape[1] * _LOG_2PI)
+        resp = torch.softmax(log_p, dim=1)
+        mass = resp.sum(0) + 1e-10
+        means = (resp.T @ x) / mass[:, None]
+        var = ((resp.T @ x.pow(2)) / mass[:, None] - means.pow(2)).clamp_min(min_std**2)
+        log_w = (mass / n).log()
+    if k < n_components:  # fewer points than components: repeat, equal split of weight
+        reps = -(-n_components // k)
+        means, var = means.repeat(reps, 1)[:n_components], var.repeat(reps, 1)[:n_components]
+        log_w = log_w.repeat(reps)[:n_components] - math.log(reps)
+    return log_w.float(), means.float(), var.sqrt().float()
+
+
 class MixtureDensity(nn.Module):
     """Mixture parameters for one feature map of ``dim`` channels on a ``grid``."""
 
@@ -72,15 +106,25 @@ class MixtureDensity(nn.Module):
         self.to_std = nn.Linear(hidden, n_components * dim)
 
     @torch.no_grad()
-    def init_from_data(self, patches: torch.Tensor, generator: torch.Generator) -> None:
-        """Start the means on random training patches and the stds near one."""
-        idx = torch.randint(0, patches.shape[0], (self.k,), generator=generator)
+    def init_from_data(
+        self, patches: torch.Tensor, generator: torch.Generator, max_points: int = 20_000
+    ) -> None:
+        """Start every position's mixture at an EM fit of the training patches.
+
+        The output layers' weights shrink so that at step 0 the head is that classic GMM
+        (whatever the conditioning); training then learns how the mixture varies.
+        """
+        if patches.shape[0] > max_points:
+            patches = patches[torch.randperm(patches.shape[0], generator=generator)[:max_points]]
+        log_w, means, stds = fit_diagonal_gmm(
+            patches, self.k, min_std=self.min_std * 1.5, generator=generator
+        )
         for layer in (self.to_mean, self.to_std, self.to_logits):
             layer.weight.mul_(0.01)
-        self.to_mean.bias.copy_(patches[idx].reshape(-1))
-        # softplus(b) + min_std == 1
-        self.to_std.bias.fill_(math.log(math.expm1(1.0 - self.min_std)))
-        self.to_logits.bias.zero_()
+        self.to_mean.bias.copy_(means.reshape(-1))
+        # softplus(b) + min_std == std  <=>  b = log(expm1(std - min_std))
+        self.to_std.bias.copy_(torch.log(torch.expm1(stds - self.min_std)).reshape(-1))
+        self.to_logits.bias.copy_(log_w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """NLL per patch: ``x [B, P, D] -> [B, P]``."""
@@ -122,6 +166,7 @@ class GMMHead(Head):
         conditioning: str = "position",
         hidden: int = 64,
         min_std: float = 0.05,
+        whiten: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__(feature_channels, feature_sizes)
@@ -129,7 +174,8 @@ class GMMHead(Head):
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
         self.n_components, self.conditioning, self.hidden = n_components, conditioning, hidden
         self.min_std, self.seed = min_std, seed
-        self.standardize = FeatureStandardizer(feature_channels)
+        self.whiten = whiten
+        self.standardize = FeatureStandardizer(feature_channels, whiten=whiten)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.mixtures = nn.ModuleList(
@@ -168,5 +214,6 @@ class GMMHead(Head):
             "conditioning": self.conditioning,
             "hidden": self.hidden,
             "min_std": self.min_std,
+            "whiten": self.whiten,
             "seed": self.seed,
         }
