@@ -260,6 +260,11 @@ def test_mnist_protocol_on_a_small_slice(tmp_path):
     assert 0.0 <= row["auroc"] <= 1.0
     assert set(row["auroc_by_score"]) >= {"loss", "map_max", "mse", "one_minus_ssim"}
     assert row["auroc"] == pytest.approx(row["auroc_by_score"]["loss"], abs=1e-6)
+    # normal digits against each other digit alone: present digits only, each an AUROC
+    by_class = row["auroc_by_anomalous_class"]
+    assert set(by_class) <= {f"digit_{d}" for d in range(10) if d != 3} and by_class
+    assert all(0.0 <= v <= 1.0 for v in by_class.values())
+    assert set(row["auroc_by_score_and_class"]["mse"]) == set(by_class)
     assert json.loads(out.read_text())["mean_auroc"] == pytest.approx(row["auroc"])
 
 
