@@ -223,3 +223,33 @@ def test_whitening_decorrelates_training_features():
     plain.fit([f])
     corr = torch.cov(plain([f])[0].transpose(0, 1).reshape(6, -1))
     assert float((corr - torch.diag(corr.diag())).abs().max()) > 0.3  # only scaled
+
+
+def test_gmm_inference_cache_never_goes_stale(data):
+    head = GMMHead(CHANNELS, SIZES, n_components=3, conditioning="position")
+    head.prepare(data["train"])
+    head.eval()
+    with torch.no_grad():
+        first = head(data["bad"])
+        cached = head.mixtures[0]._inference_terms
+        head.eval()  # the scoring model calls eval() before every batch: keep the cache
+        assert torch.equal(head(data["bad"]), first)  # cached mixture, same scores
+        assert cached is not None and head.mixtures[0]._inference_terms is cached
+        other = GMMHead(CHANNELS, SIZES, n_components=3, conditioning="position", seed=5)
+        other.prepare(data["val"])
+        head.load_state_dict(other.state_dict())  # new weights: the cache must go
+        torch.testing.assert_close(head(data["bad"]), other.eval()(data["bad"]))
+        changed = head(data["bad"])
+    head.train()  # a training step changes the weights; eval recomputes afterwards
+    loss = head.loss(data["train"])
+    loss.backward()
+    with torch.no_grad():
+        for p in head.parameters():
+            p -= 0.1 * p.grad.sign()
+    head.eval()
+    with torch.no_grad():
+        after = head(data["bad"])
+        head.mixtures[0]._inference_terms = None
+        head.mixtures[1]._inference_terms = None
+        torch.testing.assert_close(after, head(data["bad"]))
+    assert not torch.allclose(after, changed)

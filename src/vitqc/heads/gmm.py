@@ -104,6 +104,10 @@ class MixtureDensity(nn.Module):
         self.to_logits = nn.Linear(hidden, n_components)
         self.to_mean = nn.Linear(hidden, n_components * dim)
         self.to_std = nn.Linear(hidden, n_components * dim)
+        self._inference_terms: tuple[torch.Tensor, ...] | None = None
+        self.register_load_state_dict_post_hook(
+            lambda module, _keys: setattr(module, "_inference_terms", None)
+        )
 
     @torch.no_grad()
     def init_from_data(
@@ -119,6 +123,7 @@ class MixtureDensity(nn.Module):
         log_w, means, stds = fit_diagonal_gmm(
             patches, self.k, min_std=self.min_std * 1.5, generator=generator
         )
+        self._inference_terms = None
         for layer in (self.to_mean, self.to_std, self.to_logits):
             layer.weight.mul_(0.01)
         self.to_mean.bias.copy_(means.reshape(-1))
@@ -126,16 +131,66 @@ class MixtureDensity(nn.Module):
         self.to_std.bias.copy_(torch.log(torch.expm1(stds - self.min_std)).reshape(-1))
         self.to_logits.bias.copy_(log_w)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """NLL per patch: ``x [B, P, D] -> [B, P]``."""
-        cond = x if self.conditioning == "embedding" else self.position
+    def parameters_for(self, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(logits, mean, std)`` of the mixture given the conditioning input."""
         h = self.trunk(cond)
         logits = self.to_logits(h)
         mean = self.to_mean(h).unflatten(-1, (self.k, self.dim))
         std = F.softplus(self.to_std(h)).unflatten(-1, (self.k, self.dim)) + self.min_std
+        return logits, mean, std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """NLL per patch: ``x [B, P, D] -> [B, P]``."""
         if self.conditioning == "embedding":
-            return mixture_nll(x, logits, mean, std)
-        return _shared_mixture_nll(x, logits, mean, std)
+            return mixture_nll(x, *self.parameters_for(x))
+        if self.training:
+            terms = _shared_mixture_terms(*self.parameters_for(self.position))
+        else:
+            # The mixture does not depend on the input: at inference compute it once,
+            # not once per batch (at batch 1 that was most of the head's time), in
+            # float64, so the expanded square loses nothing to cancellation and an
+            # image scores the same whatever batch it comes in.
+            if self._inference_terms is None:
+                with torch.no_grad():
+                    params = [t.double() for t in self.parameters_for(self.position)]
+                    self._inference_terms = _shared_mixture_terms(*params)
+            nll = _shared_mixture_nll_from_terms(x.double(), *self._inference_terms)
+            return nll.to(x.dtype)
+        return _shared_mixture_nll_from_terms(x, *terms)
+
+    def train(self, mode: bool = True) -> MixtureDensity:
+        if mode:  # weights may change from here on; eval() alone keeps the cache
+            self._inference_terms = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: drop the stale copy
+        self._inference_terms = None
+        return super()._apply(fn, *args, **kwargs)
+
+
+def _shared_mixture_terms(
+    logits: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """What ``_shared_mixture_nll`` needs of the parameters, computed once per set."""
+    inv_var = std.pow(-2)
+    log_norm = F.log_softmax(logits, dim=-1) - std.log().sum(-1) - 0.5 * mean.shape[-1] * _LOG_2PI
+    return inv_var, mean * inv_var, (mean.pow(2) * inv_var).sum(-1), log_norm
+
+
+def _shared_mixture_nll_from_terms(
+    x: torch.Tensor,
+    inv_var: torch.Tensor,
+    mean_inv_var: torch.Tensor,
+    mean_sq: torch.Tensor,
+    log_norm: torch.Tensor,
+) -> torch.Tensor:
+    p = x.shape[1]
+    quad = (
+        torch.einsum("bpd,pkd->bpk", x.pow(2), inv_var.expand(p, -1, -1))
+        - 2 * torch.einsum("bpd,pkd->bpk", x, mean_inv_var.expand(p, -1, -1))
+        + mean_sq
+    )
+    return -torch.logsumexp(log_norm - 0.5 * quad.clamp_min(0), dim=-1)
 
 
 def _shared_mixture_nll(
@@ -145,14 +200,7 @@ def _shared_mixture_nll(
 
     Expands the square so memory is ``B x P x K`` instead of ``B x P x K x D``.
     """
-    inv_var = std.pow(-2)
-    quad = (
-        torch.einsum("bpd,pkd->bpk", x.pow(2), inv_var.expand(x.shape[1], -1, -1))
-        - 2 * torch.einsum("bpd,pkd->bpk", x, (mean * inv_var).expand(x.shape[1], -1, -1))
-        + (mean.pow(2) * inv_var).sum(-1)
-    )
-    log_density = -0.5 * (quad.clamp_min(0) + x.shape[-1] * _LOG_2PI) - std.log().sum(-1)
-    return -torch.logsumexp(F.log_softmax(logits, dim=-1) + log_density, dim=-1)
+    return _shared_mixture_nll_from_terms(x, *_shared_mixture_terms(logits, mean, std))
 
 
 class GMMHead(Head):
