@@ -214,7 +214,7 @@ def test_whitening_decorrelates_training_features():
     g = torch.Generator().manual_seed(3)
     mix = torch.eye(6) + 0.4 * torch.randn(6, 6, generator=g)  # well conditioned
     f = torch.einsum("oc,bchw->bohw", mix, torch.randn(20, 6, 5, 5, generator=g)) + 2.0
-    standardizer = FeatureStandardizer([6], whiten=True)
+    standardizer = FeatureStandardizer([6], mode="whiten")
     standardizer.fit([f])
     out = standardizer([f])[0].transpose(0, 1).reshape(6, -1)
     torch.testing.assert_close(out.mean(1), torch.zeros(6), atol=1e-4, rtol=0)
@@ -253,3 +253,22 @@ def test_gmm_inference_cache_never_goes_stale(data):
         head.mixtures[1]._inference_terms = None
         torch.testing.assert_close(after, head(data["bad"]))
     assert not torch.allclose(after, changed)
+
+
+def test_per_position_standardization_removes_positional_statistics():
+    g = torch.Generator().manual_seed(4)
+    f = torch.randn(30, 3, 4, 5, generator=g)
+    f[:, :, 0, :] = 10.0 + 4.0 * f[:, :, 0, :]  # a "border row" with its own statistics
+    standardizer = FeatureStandardizer([3], [(4, 5)], mode="position")
+    standardizer.fit([f])
+    out = standardizer([f])[0]
+    torch.testing.assert_close(out.mean(0), torch.zeros(3, 4, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.std(0), torch.ones(3, 4, 5), atol=1e-4, rtol=0)
+    # per channel only, the border row stays far out
+    plain = FeatureStandardizer([3])
+    plain.fit([f])
+    assert float(plain([f])[0][:, :, 0].abs().mean()) > 1.5 * float(
+        plain([f])[0][:, :, 1:].abs().mean()
+    )
+    with pytest.raises(ValueError, match="feature sizes"):
+        FeatureStandardizer([3], mode="position")

@@ -13,34 +13,57 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+STANDARDIZATIONS = ("channel", "position", "whiten")
+
 
 class FeatureStandardizer(nn.Module):
-    """Per-channel mean/std of the training features, or a PCA whitening, as buffers.
+    """Feature normalization fitted on the training split, kept as buffers.
 
-    Density heads train faster and more stably on unit-scale inputs. ``whiten=True``
-    also decorrelates the channels (training covariance -> identity), which a diagonal
-    Gaussian mixture cannot model itself: backbone channels are strongly correlated.
+    Density heads train faster and more stably on unit-scale inputs. Modes:
+    - ``"channel"``: one mean/std per channel.
+    - ``"position"``: one mean/std per channel *and* grid position. CNN features near
+      the image border (zero padding) and at fixed places of aligned parts have their
+      own statistics; a density that ignores that calls every border patch unusual
+      (on magnetic_tile the highest GMM score of 98 % of good images sat within 16 px
+      of the border with per-channel statistics; 45 % with per-position ones).
+    - ``"whiten"``: per-channel mean and a PCA whitening (channel covariance ->
+      identity), which a diagonal Gaussian mixture cannot model itself.
     The statistics come from the training split only and travel with the weights.
     """
 
-    def __init__(self, channels: list[int], whiten: bool = False) -> None:
+    def __init__(
+        self,
+        channels: list[int],
+        sizes: list[tuple[int, int]] | None = None,
+        mode: str = "channel",
+    ) -> None:
         super().__init__()
-        self.whiten = whiten
+        if mode not in STANDARDIZATIONS:
+            raise ValueError(f"standardize must be one of {STANDARDIZATIONS}, got {mode!r}")
+        if mode == "position" and sizes is None:
+            raise ValueError("per-position standardization needs the feature sizes")
+        self.mode = mode
         for i, c in enumerate(channels):
-            self.register_buffer(f"mean_{i}", torch.zeros(c))
-            self.register_buffer(f"std_{i}", torch.ones(c))
-            if whiten:
+            shape = (c, *sizes[i]) if mode == "position" else (c,)
+            self.register_buffer(f"mean_{i}", torch.zeros(shape))
+            self.register_buffer(f"std_{i}", torch.ones(shape))
+            if mode == "whiten":
                 self.register_buffer(f"whitening_{i}", torch.eye(c))
         self.n_layers = len(channels)
 
     @torch.no_grad()
     def fit(self, features: list[torch.Tensor]) -> None:
         for i, f in enumerate(features):
+            if self.mode == "position":
+                f64 = f.double()
+                getattr(self, f"mean_{i}").copy_(f64.mean(0).float())
+                getattr(self, f"std_{i}").copy_(f64.std(0).clamp_min(1e-3).float())
+                continue
             flat = f.transpose(0, 1).reshape(f.shape[1], -1).double()
             mean = flat.mean(1)
             getattr(self, f"mean_{i}").copy_(mean.float())
             getattr(self, f"std_{i}").copy_(flat.std(1).clamp_min(1e-6).float())
-            if self.whiten:
+            if self.mode == "whiten":
                 centered = flat - mean[:, None]
                 cov = centered @ centered.T / max(1, flat.shape[1] - 1)
                 eigval, eigvec = torch.linalg.eigh(cov)
@@ -51,11 +74,14 @@ class FeatureStandardizer(nn.Module):
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
         for i, f in enumerate(features):
-            mean = getattr(self, f"mean_{i}").view(1, -1, 1, 1)
-            if self.whiten:
-                out.append(torch.einsum("oc,bchw->bohw", getattr(self, f"whitening_{i}"), f - mean))
+            mean, std = getattr(self, f"mean_{i}"), getattr(self, f"std_{i}")
+            if self.mode == "position":
+                out.append((f - mean) / std)
+            elif self.mode == "whiten":
+                centered = f - mean.view(1, -1, 1, 1)
+                out.append(torch.einsum("oc,bchw->bohw", getattr(self, f"whitening_{i}"), centered))
             else:
-                out.append((f - mean) / getattr(self, f"std_{i}").view(1, -1, 1, 1))
+                out.append((f - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1))
         return out
 
 

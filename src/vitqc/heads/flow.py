@@ -58,12 +58,16 @@ class FlowHead(Head):
         hidden_ratio: float = 0.16,
         min_hidden: int = 32,
         clamp: float = 2.0,
+        standardize: str = "channel",
         seed: int = 0,
     ) -> None:
         super().__init__(feature_channels, feature_sizes)
         self.steps, self.hidden_ratio, self.min_hidden = steps, hidden_ratio, min_hidden
         self.clamp, self.seed = clamp, seed
-        self.standardize = FeatureStandardizer(feature_channels)
+        self.standardization = standardize
+        self.standardize = FeatureStandardizer(
+            feature_channels, self.feature_sizes, mode=standardize
+        )
         # AllInOneBlock draws its hard permutation from numpy's global RNG.
         state = np.random.get_state()
         np.random.seed(seed)
@@ -101,5 +105,6 @@ class FlowHead(Head):
             "hidden_ratio": self.hidden_ratio,
             "min_hidden": self.min_hidden,
             "clamp": self.clamp,
+            "standardize": self.standardization,
             "seed": self.seed,
         }

@@ -214,7 +214,7 @@ class GMMHead(Head):
         conditioning: str = "position",
         hidden: int = 64,
         min_std: float = 0.05,
-        whiten: bool = False,
+        standardize: str = "position",
         seed: int = 0,
     ) -> None:
         super().__init__(feature_channels, feature_sizes)
@@ -222,8 +222,10 @@ class GMMHead(Head):
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
         self.n_components, self.conditioning, self.hidden = n_components, conditioning, hidden
         self.min_std, self.seed = min_std, seed
-        self.whiten = whiten
-        self.standardize = FeatureStandardizer(feature_channels, whiten=whiten)
+        self.standardization = standardize
+        self.standardize = FeatureStandardizer(
+            feature_channels, self.feature_sizes, mode=standardize
+        )
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.mixtures = nn.ModuleList(
@@ -262,6 +264,6 @@ class GMMHead(Head):
             "conditioning": self.conditioning,
             "hidden": self.hidden,
             "min_std": self.min_std,
-            "whiten": self.whiten,
+            "standardize": self.standardization,
             "seed": self.seed,
         }
