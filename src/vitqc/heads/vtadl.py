@@ -55,7 +55,14 @@ bilinearly and smooths). ``image_scores`` is the per-image training loss (mean p
 + lambda_mse MSE + lambda_ssim (1 - SSIM): a worse reconstruction raises the score; the
 original added +SSIM) with ``image_score="loss"``, or None with ``"map_max"`` so the
 model falls back to the maximum of the (smoothed) map. In eval mode nothing is random
-(no noise, BatchNorm on running statistics), and every score is per image.
+(no noise, BatchNorm on running statistics), and every score is per image. On MNIST one-
+class (ten digits, 100 epochs) the loss gave a mean image AUROC of 0.865 and the map
+maximum 0.577, so "loss" is the default. The per-patch NLL is a *local* density: a
+digit of another class is made of strokes and background whose tokens are each typical,
+so it does not flag semantic anomalies (for normal "8" the map maximum ranks every other
+digit *below* the 8s: AUROC 0.12-0.54), and a from-scratch autoencoder reconstructs
+thin digits better than the normal class (normal "8" vs "1": MSE AUROC 0.10). A knn head
+on pretrained features scored 0.979 on the same protocol.
 
 Presets (``VTADL_PRESETS``; ``preset=None`` picks by image side: <= 64 px "mnist",
 < 512 "cpu", otherwise "paper"). Every size is also a keyword argument that overrides
