@@ -304,6 +304,10 @@ def test_head_variants():
         parse_head("gmm:colour=red")
     with pytest.raises(VitqcError, match="unknown head"):
         spec_from_config({"data": ".", "backbones": "a", "heads": "flow,nope:x=1"})
+    base = {"data": ".", "backbones": "a", "heads": "flow"}
+    assert spec_from_config({**base, "image_score": "top:0.01"}).image_score == "top:0.01"
+    with pytest.raises(VitqcError, match="image score 'median'"):
+        spec_from_config({**base, "image_score": "median"})
 
 
 def test_config_file_presets_and_precedence(data_root, tmp_path):
