@@ -272,3 +272,15 @@ def test_per_position_standardization_removes_positional_statistics():
     )
     with pytest.raises(ValueError, match="feature sizes"):
         FeatureStandardizer([3], mode="position")
+
+
+@pytest.mark.parametrize("name", ["flow", "gmm", "knn"])
+def test_head_construction_does_not_depend_on_global_rng(name):
+    torch.manual_seed(1)
+    first = create_head(name, CHANNELS, SIZES, seed=3).state_dict()
+    torch.rand(1000)  # whatever else the process did before
+    np.random.rand(10)
+    second = create_head(name, CHANNELS, SIZES, seed=3).state_dict()
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key

@@ -126,8 +126,8 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
 
     start = time.perf_counter()
     sizes = [tuple(f.shape[-2:]) for f in train_feats]
+    torch.manual_seed(options.seed)  # before the head: its initial weights, then prepare()
     head = create_head(options.head, [f.shape[1] for f in train_feats], sizes, **head_kwargs)
-    torch.manual_seed(options.seed)
     head.prepare(train_feats)
     result = train_head(head, train_feats, val_feats, train_cfg) if head.trainable else None
     head.eval()

@@ -74,14 +74,18 @@ class FlowHead(Head):
         self.standardize = FeatureStandardizer(
             feature_channels, self.feature_sizes, mode=standardize
         )
-        # AllInOneBlock draws its hard permutation from numpy's global RNG.
+        # AllInOneBlock draws its hard permutation from numpy's global RNG and the
+        # subnets their initial weights from torch's: seed both, restore both, so the
+        # head is the same whatever ran before it in the process.
         state = np.random.get_state()
         np.random.seed(seed)
         try:
-            self.flows = nn.ModuleList(
-                build_flow(c, s, steps, self.hidden_channels(c), clamp)
-                for c, s in zip(feature_channels, self.feature_sizes, strict=True)
-            )
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.flows = nn.ModuleList(
+                    build_flow(c, s, steps, self.hidden_channels(c), clamp)
+                    for c, s in zip(feature_channels, self.feature_sizes, strict=True)
+                )
         finally:
             np.random.set_state(state)
 
