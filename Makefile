@@ -13,8 +13,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/vitqc demo
 
+# One torch thread unless the caller says otherwise: the test models are tiny, and on a
+# small shared machine a second thread per process oversubscribes the cores (the suite
+# took 581 s that way next to another job, 85 s with one thread).
 test: $(STAMP)
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
