@@ -146,3 +146,11 @@ def test_report_cli(tmp_path):
     assert "<title>T</title>" in html
     # no artifacts stored: the page says so instead of breaking
     assert "No curves stored." in html and "No gallery stored." in html
+
+
+def test_section_titles_name_a_single_category_dataset_once():
+    from vitqc.report.html import _dataset_title
+
+    assert _dataset_title("mvtec", "carpet") == "mvtec / carpet"
+    assert _dataset_title("magnetic_tile", "magnetic_tile") == "magnetic_tile"
+    assert _dataset_title("folder", "") == "folder"

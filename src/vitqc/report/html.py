@@ -82,6 +82,11 @@ window.addEventListener('load', function () {
 _COLORS = plt.get_cmap("tab10").colors
 
 
+def _dataset_title(dataset: str, category: str) -> str:
+    """Section title "mvtec / carpet"; a single-category dataset is named once."""
+    return dataset if category in ("", dataset) else f"{dataset} / {category}"
+
+
 def _esc(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
@@ -359,7 +364,7 @@ def build_report_html(
     parts.append('<h2 id="curves">ROC / PR / PRO curves</h2>')
     for (ds, cat), entries in by_cat.items():
         png = curves_png(entries)
-        parts.append(f"<h3>{_esc(ds)} / {_esc(cat)}</h3>")
+        parts.append(f"<h3>{_esc(_dataset_title(ds, cat))}</h3>")
         parts.append(img_tag(png, f"curves {ds} {cat}") if png else "<p>No curves stored.</p>")
 
     parts.append('<h2 id="gallery">Anomaly maps</h2>')
@@ -370,7 +375,7 @@ def build_report_html(
     )
     for (ds, cat), entries in by_cat.items():
         png = gallery_png(artifacts_root, entries)
-        parts.append(f"<h3>{_esc(ds)} / {_esc(cat)}</h3>")
+        parts.append(f"<h3>{_esc(_dataset_title(ds, cat))}</h3>")
         parts.append(img_tag(png, f"gallery {ds} {cat}") if png else "<p>No gallery stored.</p>")
 
     parts.append('<h2 id="runs">All runs</h2>')
