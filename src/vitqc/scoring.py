@@ -40,15 +40,14 @@ def upsample_maps(patch_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tens
     return F.interpolate(patch_maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-#: How a map becomes an image score. "max" (the papers') suits small, local defects;
-#: "mean" suits diffuse ones (uneven texture, discoloration) and is steadier against a
-#: single hot pixel; "top:F" is the mean of the highest fraction F of the map, between
-#: the two. Heads with their own image score (VT-ADL's loss) ignore it.
-IMAGE_SCORES = ("max", "mean", "top:F")
-
-
 def parse_image_score(name: str) -> float:
-    """The fraction of the map an image score averages over: "max" -> 0, "mean" -> 1."""
+    """The fraction of the map an image score averages over: "max" -> 0, "mean" -> 1.
+
+    How a map becomes an image score: "max" (the papers') suits small, local defects;
+    "mean" suits diffuse ones (uneven texture, discoloration) and is steadier against a
+    single hot pixel; "top:F" is the mean of the highest fraction F of the map, between
+    the two. Heads with their own image score (VT-ADL's loss) ignore it.
+    """
     if name == "max":
         return 0.0
     if name == "mean":
@@ -83,8 +82,7 @@ class AnomalyModel(nn.Module):
     ``forward(x01)`` takes images resized to the backbone's input size with values in
     [0, 1] and returns ``(maps [B, H, W], image_scores [B])`` in raw head units; the
     image score aggregates the (smoothed) map (``image_score``, default its maximum).
-    ``normalize_*`` map raw values
-    with the validation-derived calibration.
+    ``normalize_*`` map raw values with the validation-derived calibration.
     """
 
     def __init__(

@@ -63,9 +63,9 @@ def fit_diagonal_gmm(
     var = x.var(0, unbiased=False).expand(k, -1).clone().clamp_min(min_std**2)
     log_w = torch.full((k,), -math.log(k), dtype=x.dtype)
     for _ in range(iterations):
-        z2 = x.pow(2) @ (1 / var).T - 2 * x @ (means / var).T + (means.pow(2) / var).sum(1)
-        log_p = log_w - 0.5 * (z2 + var.log().sum(1) + x.shape[1] * _LOG_2PI)
-        resp = torch.softmax(log_p, dim=1)
+        # E-step with the head's own mixture density (points as a batch, one position)
+        terms = _shared_mixture_terms(log_w[None], means[None], var.sqrt()[None])
+        resp = torch.softmax(_component_log_joint(x[:, None], *terms)[:, 0], dim=1)
         mass = resp.sum(0) + 1e-10
         means = (resp.T @ x) / mass[:, None]
         var = ((resp.T @ x.pow(2)) / mass[:, None] - means.pow(2)).clamp_min(min_std**2)
@@ -177,20 +177,25 @@ def _shared_mixture_terms(
     return inv_var, mean * inv_var, (mean.pow(2) * inv_var).sum(-1), log_norm
 
 
-def _shared_mixture_nll_from_terms(
+def _component_log_joint(
     x: torch.Tensor,
     inv_var: torch.Tensor,
     mean_inv_var: torch.Tensor,
     mean_sq: torch.Tensor,
     log_norm: torch.Tensor,
 ) -> torch.Tensor:
+    """``log pi_k + log N(x; mu_k, sigma_k^2)`` for every component: ``[B, P, K]``."""
     p = x.shape[1]
     quad = (
         torch.einsum("bpd,pkd->bpk", x.pow(2), inv_var.expand(p, -1, -1))
         - 2 * torch.einsum("bpd,pkd->bpk", x, mean_inv_var.expand(p, -1, -1))
         + mean_sq
     )
-    return -torch.logsumexp(log_norm - 0.5 * quad.clamp_min(0), dim=-1)
+    return log_norm - 0.5 * quad.clamp_min(0)
+
+
+def _shared_mixture_nll_from_terms(x: torch.Tensor, *terms: torch.Tensor) -> torch.Tensor:
+    return -torch.logsumexp(_component_log_joint(x, *terms), dim=-1)
 
 
 def _shared_mixture_nll(
