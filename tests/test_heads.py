@@ -8,6 +8,7 @@ import torch
 from scipy.special import logsumexp
 from scipy.stats import norm
 
+from vitqc.errors import VitqcError
 from vitqc.heads import PAPER_DEFAULTS, create_head, fuse_maps, head_defaults
 from vitqc.heads.base import FeatureStandardizer
 from vitqc.heads.gmm import GMMHead, _shared_mixture_nll, fit_diagonal_gmm, mixture_nll
@@ -67,6 +68,8 @@ def test_mixture_nll_matches_scipy():
         ("gmm", {"n_components": 6, "conditioning": "position"}),
         ("gmm", {"n_components": 6, "conditioning": "shared"}),
         ("gmm", {"n_components": 6, "conditioning": "embedding"}),
+        ("gmm", {"n_components": 6, "standardize": "position-whiten", "fuse": True}),
+        ("flow", {"steps": 4, "standardize": "position-whiten", "fuse": True}),
         ("knn", {"coreset_ratio": 0.2}),
     ],
 )
@@ -166,14 +169,16 @@ def test_paper_defaults_follow_table_2():
 
 def test_backbone_head_overrides_replace_table_2_where_it_has_no_row():
     lite = head_defaults("flow", "tf_efficientnet_lite0", "cnn")
-    assert lite["head"] == {"steps": 8, "hidden_ratio": 1.0}  # steps still from Table 2
+    # steps still from Table 2
+    assert lite["head"] == {"steps": 8, "hidden_ratio": 1.0, "standardize": "position-whiten"}
     assert lite["batch_size"] == 32 and lite["lr"] == 1e-3 and lite["weight_decay"] == 1e-5
     # the override is a copy: the registry's data stays as it was
     lite["head"]["steps"] = 99
     assert head_defaults("flow", "tf_efficientnet_lite1", "cnn")["head"]["steps"] == 8
     # what the override leaves out comes from Table 2's ResNet-50 row
     gmm = head_defaults("gmm", "tf_efficientnet_lite0", "cnn")
-    assert gmm["head"] == {"n_components": 50} and gmm["batch_size"] == 32
+    assert gmm["head"]["n_components"] == 50 and gmm["batch_size"] == 32
+    assert gmm["head"]["standardize"] == "position-whiten" and gmm["head"]["fuse"]
     assert head_defaults("knn", "tf_efficientnet_lite0", "cnn") == head_defaults(
         "knn", "resnet50", "cnn"
     )
@@ -284,3 +289,51 @@ def test_head_construction_does_not_depend_on_global_rng(name):
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
+
+
+def _correlated_features(n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(5) + 0.6 * torch.randn(5, 5, generator=g)
+    a = torch.einsum("oc,bchw->bohw", mix, torch.randn(n, 5, 6, 6, generator=g))
+    a[:, :, 0] = 3.0 + 2.0 * a[:, :, 0]  # a border row with its own statistics
+    b = torch.randn(n, 3, 3, 3, generator=g) + a[:, :3, ::2, ::2]  # correlated with layer a
+    return [a, b]
+
+
+def test_position_whitening_gives_identity_covariance_at_every_position():
+    train = _correlated_features(400, 0)
+    standardizer = FeatureStandardizer(
+        [5, 3], [(6, 6), (3, 3)], "position-whiten", fuse=True, ridge=1e-6
+    )
+    standardizer.fit(train)
+    assert standardizer.out_channels == [8] and standardizer.out_sizes == [(6, 6)]
+    (z,) = standardizer(train)
+    assert z.shape == (400, 8, 6, 6)
+    torch.testing.assert_close(z.mean(0), torch.zeros(8, 6, 6), atol=1e-4, rtol=0)
+    for row, col in [(0, 0), (0, 3), (2, 5), (5, 5)]:
+        cov = torch.cov(z[:, :, row, col].T.double())
+        torch.testing.assert_close(cov, torch.eye(8, dtype=cov.dtype), atol=1e-3, rtol=0)
+
+
+def test_position_whitening_norm_is_the_mahalanobis_distance():
+    train, new = _correlated_features(300, 1), _correlated_features(7, 2)
+    standardizer = FeatureStandardizer([5, 3], [(6, 6), (3, 3)], "position-whiten", fuse=True)
+    standardizer.fit(train)
+    (z,) = standardizer(new)
+    fused = lambda fs: torch.cat(  # noqa: E731
+        [fs[0], torch.nn.functional.interpolate(fs[1], size=(6, 6), mode="bilinear")], 1
+    ).double()
+    x_train, x_new = fused(train), fused(new)
+    for row, col in [(0, 1), (4, 2)]:
+        pts = x_train[:, :, row, col].numpy()
+        mean, std = pts.mean(0), pts.std(0, ddof=1)
+        corr = np.cov(((pts - mean) / std).T) + 0.01 * np.eye(8)
+        d = (x_new[:, :, row, col].numpy() - mean) / std
+        expected = np.einsum("nc,cd,nd->n", d, np.linalg.inv(corr), d)
+        got = z[:, :, row, col].double().pow(2).sum(1).numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-3)
+
+
+def test_position_whitening_refuses_wide_features_with_a_clear_error():
+    with pytest.raises(VitqcError, match="position-whiten needs 116 M values"):
+        FeatureStandardizer([768], [(14, 14)], "position-whiten")

@@ -13,7 +13,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-STANDARDIZATIONS = ("channel", "position", "whiten")
+from vitqc.errors import VitqcError
+
+STANDARDIZATIONS = ("channel", "position", "whiten", "position-whiten")
+#: Largest per-position whitening (positions x channels^2 values) kept with the weights:
+#: 152 fused EfficientNet-Lite channels on a 28 x 28 grid need 18 M; DeiT's 768 channels
+#: on 14 x 14 would need 116 M (460 MB), too much to carry in a model bundle.
+MAX_WHITENING_VALUES = 32_000_000
+
+
+def concat_at_finest(features: list[torch.Tensor], neighbourhood: int = 1) -> torch.Tensor:
+    """``[B, sum C, h, w]``: the maps (optionally averaged over a ``neighbourhood`` x
+    ``neighbourhood`` window) brought to the finest grid (bilinear) and concatenated."""
+    size = max((f.shape[-2:] for f in features), key=lambda s: s[0] * s[1])
+    out = []
+    for f in features:
+        if neighbourhood > 1:
+            f = F.avg_pool2d(
+                f, neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=False
+            )
+        if f.shape[-2:] != size:
+            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        out.append(f)
+    return torch.cat(out, 1)
+
+
+def _finest(sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    return max(sizes, key=lambda s: s[0] * s[1])
 
 
 class FeatureStandardizer(nn.Module):
@@ -28,7 +54,19 @@ class FeatureStandardizer(nn.Module):
       of the border with per-channel statistics; 45 % with per-position ones).
     - ``"whiten"``: per-channel mean and a PCA whitening (channel covariance ->
       identity), which a diagonal Gaussian mixture cannot model itself.
-    The statistics come from the training split only and travel with the weights.
+    - ``"position-whiten"``: per position, the mean and a ZCA whitening from the full
+      channel covariance (correlation + ``ridge`` x identity): a patch's squared norm is
+      then its Mahalanobis distance under a per-position Gaussian (PaDiM's model), so a
+      head starts from that baseline and learns what a Gaussian misses. ZCA (the
+      symmetric inverse square root) keeps each channel close to its own meaning at
+      every position, which the flow's convolutions over neighbouring positions need.
+
+    ``fuse=True`` first brings all layers to the finest grid and concatenates them (one
+    map out), so the statistics also capture correlations between layers: on
+    magnetic_tile the per-position Gaussian alone scored image AUROC 0.966 on the fused
+    map against 0.943 on separate layers. ``out_channels`` / ``out_sizes`` describe what
+    ``forward`` returns. The statistics come from the training split only and travel
+    with the weights.
     """
 
     def __init__(
@@ -36,24 +74,47 @@ class FeatureStandardizer(nn.Module):
         channels: list[int],
         sizes: list[tuple[int, int]] | None = None,
         mode: str = "channel",
+        fuse: bool = False,
+        ridge: float = 0.01,
     ) -> None:
         super().__init__()
         if mode not in STANDARDIZATIONS:
             raise ValueError(f"standardize must be one of {STANDARDIZATIONS}, got {mode!r}")
-        if mode == "position" and sizes is None:
-            raise ValueError("per-position standardization needs the feature sizes")
-        self.mode = mode
+        if (mode.startswith("position") or fuse) and sizes is None:
+            raise ValueError(f"{mode!r} standardization and fusion need the feature sizes")
+        self.mode, self.fuse, self.ridge = mode, fuse, ridge
+        if fuse:
+            channels, sizes = [sum(channels)], [_finest(list(sizes))]
+        self.out_channels = list(channels)
+        self.out_sizes = [tuple(s) for s in sizes] if sizes is not None else None
+        if mode == "position-whiten":
+            values = sum(c * c * s[0] * s[1] for c, s in zip(channels, sizes, strict=True))
+            if values > MAX_WHITENING_VALUES:
+                raise VitqcError(
+                    f"standardize=position-whiten needs {values / 1e6:.0f} M values for "
+                    f"{channels} channels on {sizes} grids (limit "
+                    f"{MAX_WHITENING_VALUES / 1e6:.0f} M): use standardize=position"
+                )
         for i, c in enumerate(channels):
-            shape = (c, *sizes[i]) if mode == "position" else (c,)
+            shape = (c, *sizes[i]) if mode.startswith("position") else (c,)
             self.register_buffer(f"mean_{i}", torch.zeros(shape))
             self.register_buffer(f"std_{i}", torch.ones(shape))
             if mode == "whiten":
                 self.register_buffer(f"whitening_{i}", torch.eye(c))
+            elif mode == "position-whiten":
+                n_positions = sizes[i][0] * sizes[i][1]
+                self.register_buffer(f"whitening_{i}", torch.eye(c).repeat(n_positions, 1, 1))
         self.n_layers = len(channels)
+
+    def _inputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [concat_at_finest(features)] if self.fuse else list(features)
 
     @torch.no_grad()
     def fit(self, features: list[torch.Tensor]) -> None:
-        for i, f in enumerate(features):
+        for i, f in enumerate(self._inputs(features)):
+            if self.mode == "position-whiten":
+                self._fit_position_whitening(i, f)
+                continue
             if self.mode == "position":
                 f64 = f.double()
                 getattr(self, f"mean_{i}").copy_(f64.mean(0).float())
@@ -71,11 +132,33 @@ class FeatureStandardizer(nn.Module):
                 eigval = eigval.clamp_min(1e-4 * float(eigval.max()))
                 getattr(self, f"whitening_{i}").copy_((eigvec / eigval.sqrt()).T.float())
 
+    def _fit_position_whitening(self, i: int, f: torch.Tensor) -> None:
+        n, c, h, w = f.shape
+        f64 = f.double()
+        mean, std = f64.mean(0), f64.std(0).clamp_min(1e-3)
+        getattr(self, f"mean_{i}").copy_(mean.float())
+        getattr(self, f"std_{i}").copy_(std.float())
+        whitening = getattr(self, f"whitening_{i}")
+        # one position block at a time keeps the [P, N, C] copy small
+        for start in range(0, h * w, 256):
+            cols = slice(start, min(start + 256, h * w))
+            x = ((f64 - mean) / std).flatten(2)[:, :, cols].permute(2, 0, 1)  # [p, N, C]
+            corr = x.transpose(1, 2) @ x / max(1, n - 1)
+            corr = corr + self.ridge * torch.eye(c, dtype=corr.dtype)
+            eigval, eigvec = torch.linalg.eigh(corr)
+            zca = (eigvec * eigval.clamp_min(1e-12).rsqrt()[:, None, :]) @ eigvec.transpose(1, 2)
+            whitening[cols] = zca.float()
+
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
-        for i, f in enumerate(features):
+        for i, f in enumerate(self._inputs(features)):
             mean, std = getattr(self, f"mean_{i}"), getattr(self, f"std_{i}")
-            if self.mode == "position":
+            if self.mode == "position-whiten":
+                b, c, h, w = f.shape
+                x = ((f - mean) / std).flatten(2)  # [B, C, P]
+                z = torch.einsum("pdc,bcp->bdp", getattr(self, f"whitening_{i}"), x)
+                out.append(z.reshape(b, c, h, w))
+            elif self.mode == "position":
                 out.append((f - mean) / std)
             elif self.mode == "whiten":
                 centered = f - mean.view(1, -1, 1, 1)
@@ -89,7 +172,7 @@ def fuse_maps(maps: list[torch.Tensor]) -> torch.Tensor:
     """Average per-layer patch maps ``[B, h_i, w_i]`` at the finest grid (bilinear)."""
     if len(maps) == 1:
         return maps[0]
-    size = max((m.shape[-2:] for m in maps), key=lambda s: s[0] * s[1])
+    size = _finest([tuple(m.shape[-2:]) for m in maps])
     resized = [
         m
         if m.shape[-2:] == size

@@ -220,6 +220,7 @@ class GMMHead(Head):
         hidden: int = 64,
         min_std: float = 0.05,
         standardize: str = "position",
+        fuse: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__(feature_channels, feature_sizes)
@@ -227,15 +228,17 @@ class GMMHead(Head):
             raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}")
         self.n_components, self.conditioning, self.hidden = n_components, conditioning, hidden
         self.min_std, self.seed = min_std, seed
-        self.standardization = standardize
+        self.standardization, self.fuse = standardize, fuse
         self.standardize = FeatureStandardizer(
-            feature_channels, self.feature_sizes, mode=standardize
+            feature_channels, self.feature_sizes, mode=standardize, fuse=fuse
         )
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.mixtures = nn.ModuleList(
                 MixtureDensity(c, s, n_components, conditioning, hidden, min_std)
-                for c, s in zip(feature_channels, self.feature_sizes, strict=True)
+                for c, s in zip(
+                    self.standardize.out_channels, self.standardize.out_sizes, strict=True
+                )
             )
 
     def prepare(self, train_features: list[torch.Tensor]) -> None:
@@ -252,16 +255,16 @@ class GMMHead(Head):
             maps.append(nll.reshape(b, h, w))
         return maps
 
+    def _per_dimension(self, maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        """NLL per feature dimension, so layers of different widths weigh alike."""
+        return [m / c for m, c in zip(maps, self.standardize.out_channels, strict=True)]
+
     def loss(self, features: list[torch.Tensor]) -> torch.Tensor:
-        maps = self._nll_maps(features)
-        return sum(m.mean() / c for m, c in zip(maps, self.feature_channels, strict=True)) / len(
-            maps
-        )
+        maps = self._per_dimension(self._nll_maps(features))
+        return sum(m.mean() for m in maps) / len(maps)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return fuse_maps(
-            [m / c for m, c in zip(self._nll_maps(features), self.feature_channels, strict=True)]
-        )
+        return fuse_maps(self._per_dimension(self._nll_maps(features)))
 
     def config(self) -> dict[str, Any]:
         return {
@@ -270,5 +273,6 @@ class GMMHead(Head):
             "hidden": self.hidden,
             "min_std": self.min_std,
             "standardize": self.standardization,
+            "fuse": self.fuse,
             "seed": self.seed,
         }

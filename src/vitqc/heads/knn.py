@@ -14,23 +14,8 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from vitqc.heads.base import Head
-
-
-def patch_embeddings(features: list[torch.Tensor], neighbourhood: int) -> torch.Tensor:
-    """``[B, D, h, w]`` locally-aware embeddings at the finest grid."""
-    size = max((f.shape[-2:] for f in features), key=lambda s: s[0] * s[1])
-    pad = neighbourhood // 2
-    out = []
-    for f in features:
-        if neighbourhood > 1:
-            f = F.avg_pool2d(f, neighbourhood, stride=1, padding=pad, count_include_pad=False)
-        if f.shape[-2:] != size:
-            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-        out.append(f)
-    return torch.cat(out, 1)
+from vitqc.heads.base import Head, concat_at_finest
 
 
 def greedy_coreset(
@@ -101,14 +86,14 @@ class KNNHead(Head):
         )
 
     def prepare(self, train_features: list[torch.Tensor]) -> None:
-        emb = patch_embeddings(train_features, self.neighbourhood)
+        emb = concat_at_finest(train_features, self.neighbourhood)
         patches = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).to(torch.float16)
         n_select = max(1, min(self.max_bank, round(self.coreset_ratio * patches.shape[0])))
         idx = greedy_coreset(patches, n_select, self.projection_dim, seed=self.seed)
         self.bank = patches[idx].clone()
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        emb = patch_embeddings(features, self.neighbourhood)
+        emb = concat_at_finest(features, self.neighbourhood)
         b, d, h, w = emb.shape
         queries = emb.permute(0, 2, 3, 1).reshape(-1, d)
         bank = self.bank.float()
