@@ -132,18 +132,23 @@ def test_bad_inputs_give_one_line_errors(fitted, tmp_path, synth_root):
     assert not (tmp_path / "m").exists()
 
 
-def test_bundle_round_trip_gives_identical_scores(synth_root, tmp_path):
+@pytest.mark.parametrize(
+    "head,head_options", [("flow", {"steps": 2}), ("gmm", {"n_components": 4})]
+)
+def test_bundle_round_trip_gives_identical_scores(synth_root, tmp_path, head, head_options):
+    """Whitening and mixture buffers included (the EfficientNet-Lite defaults)."""
     dataset = load_dataset(synth_root, category="tile")
     options = FitOptions(
-        head="flow",
+        head=head,
         epochs=2,
         patience=2,
         cache_dir=tmp_path / "c",
         progress=False,
         image_score="top:0.05",
     )
-    options.head_options = {"steps": 2}
+    options.head_options = head_options
     model, _ = fit(dataset, options)
+    assert model.head.standardize.mode == "position-whiten"
     scores, maps = score_samples(model, dataset.test, progress=False)
     save_bundle(model, tmp_path / "bundle")
     loaded, config = load_bundle(tmp_path / "bundle")

@@ -71,6 +71,7 @@ def test_mixture_nll_matches_scipy():
         ("gmm", {"n_components": 6, "standardize": "position-whiten", "fuse": True}),
         ("flow", {"steps": 4, "standardize": "position-whiten", "fuse": True}),
         ("knn", {"coreset_ratio": 0.2}),
+        ("knn", {"coreset_ratio": 0.2, "standardize": "position"}),
     ],
 )
 def test_head_ranks_defects_above_good(data, name, kwargs):

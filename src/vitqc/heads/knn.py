@@ -6,6 +6,11 @@ training patches, selected on a random projection with batched, vectorized dista
 updates (one matrix product per batch of centres instead of one Python step per
 centre), and stored as float16. The patch score is the Euclidean distance to the
 nearest bank entry.
+
+``standardize`` (off by default, "position" for EfficientNet-Lite) first standardizes
+each layer per channel and grid position, as the density heads do: distances then
+measure how unusual a patch is *for its place*, and the border patches of CNN features
+stop looking like defects (magnetic_tile image AUROC 0.931 -> 0.967).
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from typing import Any
 
 import torch
 
-from vitqc.heads.base import Head, concat_at_finest
+from vitqc.heads.base import FeatureStandardizer, Head, concat_at_finest
 
 
 def greedy_coreset(
@@ -71,10 +76,17 @@ class KNNHead(Head):
         max_bank: int = 50_000,
         neighbourhood: int = 3,
         projection_dim: int = 128,
+        standardize: str | None = None,
         seed: int = 0,
         bank_size: int = 0,
     ) -> None:
         super().__init__(feature_channels, feature_sizes)
+        self.standardization = standardize
+        self.standardize = (
+            FeatureStandardizer(feature_channels, self.feature_sizes, mode=standardize)
+            if standardize is not None
+            else None
+        )
         self.coreset_ratio, self.max_bank, self.neighbourhood = (
             coreset_ratio,
             max_bank,
@@ -85,15 +97,22 @@ class KNNHead(Head):
             "bank", torch.zeros(bank_size, sum(feature_channels), dtype=torch.float16)
         )
 
+    def _embeddings(self, features: list[torch.Tensor]) -> torch.Tensor:
+        if self.standardize is not None:
+            features = self.standardize(features)
+        return concat_at_finest(features, self.neighbourhood)
+
     def prepare(self, train_features: list[torch.Tensor]) -> None:
-        emb = concat_at_finest(train_features, self.neighbourhood)
+        if self.standardize is not None:
+            self.standardize.fit(train_features)
+        emb = self._embeddings(train_features)
         patches = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).to(torch.float16)
         n_select = max(1, min(self.max_bank, round(self.coreset_ratio * patches.shape[0])))
         idx = greedy_coreset(patches, n_select, self.projection_dim, seed=self.seed)
         self.bank = patches[idx].clone()
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        emb = concat_at_finest(features, self.neighbourhood)
+        emb = self._embeddings(features)
         b, d, h, w = emb.shape
         queries = emb.permute(0, 2, 3, 1).reshape(-1, d)
         bank = self.bank.float()
@@ -111,6 +130,7 @@ class KNNHead(Head):
             "max_bank": self.max_bank,
             "neighbourhood": self.neighbourhood,
             "projection_dim": self.projection_dim,
+            "standardize": self.standardization,
             "seed": self.seed,
             "bank_size": int(self.bank.shape[0]),
         }
