@@ -72,6 +72,7 @@ def test_mixture_nll_matches_scipy():
         ("flow", {"steps": 4, "standardize": "position-whiten", "fuse": True}),
         ("knn", {"coreset_ratio": 0.2}),
         ("knn", {"coreset_ratio": 0.2, "standardize": "position"}),
+        ("knn", {"coreset_ratio": 0.2, "standardize": "position", "fuse": True}),
     ],
 )
 def test_head_ranks_defects_above_good(data, name, kwargs):
@@ -180,9 +181,11 @@ def test_backbone_head_overrides_replace_table_2_where_it_has_no_row():
     gmm = head_defaults("gmm", "tf_efficientnet_lite0", "cnn")
     assert gmm["head"]["n_components"] == 50 and gmm["batch_size"] == 32
     assert gmm["head"]["standardize"] == "position-whiten" and gmm["head"]["fuse"]
-    assert head_defaults("knn", "tf_efficientnet_lite0", "cnn") == head_defaults(
-        "knn", "resnet50", "cnn"
-    )
+    assert head_defaults("knn", "tf_efficientnet_lite0", "cnn")["head"] == {
+        "standardize": "position",
+        "fuse": True,
+    }
+    assert head_defaults("knn", "resnet50", "cnn")["head"] == {}
 
 
 def test_em_initialization_recovers_two_clusters():

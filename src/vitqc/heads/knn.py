@@ -7,10 +7,14 @@ updates (one matrix product per batch of centres instead of one Python step per
 centre), and stored as float16. The patch score is the Euclidean distance to the
 nearest bank entry.
 
-``standardize`` (off by default, "position" for EfficientNet-Lite) first standardizes
-each layer per channel and grid position, as the density heads do: distances then
-measure how unusual a patch is *for its place*, and the border patches of CNN features
-stop looking like defects (magnetic_tile image AUROC 0.931 -> 0.967).
+``standardize`` (off by default; "position" with ``fuse=True`` for EfficientNet-Lite)
+first standardizes the features per channel and grid position, as the density heads do:
+distances then measure how unusual a patch is *for its place*, and the border patches of
+CNN features stop looking like defects. On magnetic_tile (EfficientNet-Lite0) image
+AUROC 0.931 -> 0.967 and image PR-AUC 0.961 -> 0.985, for pixel AUROC 0.837 -> 0.812 and
+AUPRO 0.763 -> 0.744 (mean removal alone: 0.924 / 0.827 / 0.748; per-layer statistics
+instead of the fused map: 0.959 / 0.825 / 0.741). ``standardize=None`` is the plain
+PatchCore embedding.
 """
 
 from __future__ import annotations
@@ -77,13 +81,14 @@ class KNNHead(Head):
         neighbourhood: int = 3,
         projection_dim: int = 128,
         standardize: str | None = None,
+        fuse: bool = False,
         seed: int = 0,
         bank_size: int = 0,
     ) -> None:
         super().__init__(feature_channels, feature_sizes)
-        self.standardization = standardize
+        self.standardization, self.fuse = standardize, fuse
         self.standardize = (
-            FeatureStandardizer(feature_channels, self.feature_sizes, mode=standardize)
+            FeatureStandardizer(feature_channels, self.feature_sizes, standardize, fuse=fuse)
             if standardize is not None
             else None
         )
@@ -131,6 +136,7 @@ class KNNHead(Head):
             "neighbourhood": self.neighbourhood,
             "projection_dim": self.projection_dim,
             "standardize": self.standardization,
+            "fuse": self.fuse,
             "seed": self.seed,
             "bank_size": int(self.bank.shape[0]),
         }
