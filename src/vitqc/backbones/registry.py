@@ -55,11 +55,12 @@ class BackboneSpec:
 # The features are narrow enough for a full per-position whitening (PaDiM's Gaussian), so
 # both density heads start from it and learn what it misses. Measured on magnetic_tile
 # (image AUROC / pixel AUROC / AUPRO), per-position standardization -> whitening: flow
-# 0.934 / 0.786 / 0.690 (60 epochs) -> 0.963 / 0.777 / 0.749 (8 epochs, one flow per
-# stage as in FastFlow; one flow on the fused map: 0.976 / 0.805 / 0.739 at 4x the cost);
-# GMM 0.856 / 0.716 / 0.755 -> 0.967 / 0.789 / 0.748 on the fused map (0.944 / 0.767 /
-# 0.761 per stage). The knn head gains image AUROC from per-position statistics too (see
-# heads/knn.py): 0.931 / 0.837 / 0.763 -> 0.967 / 0.812 / 0.744.
+# 0.934 / 0.786 / 0.690 (60 epochs) -> 0.972 / 0.810 / 0.752 (40 epochs, one flow per
+# stage as in FastFlow; one flow on the fused map reached 0.976 / 0.805 / 0.739 after 8
+# epochs at 4x the cost per epoch); GMM 0.856 / 0.716 / 0.755 -> 0.967 / 0.786 / 0.752 on
+# the fused map (about 0.944 / 0.767 / 0.761 per stage). The knn head gains image AUROC
+# from per-position statistics too (heads/knn.py): 0.931 / 0.837 / 0.763 -> 0.967 /
+# 0.812 / 0.744.
 _WHITENED = {"standardize": "position-whiten"}
 _LITE_HEAD_OVERRIDES: dict[str, dict[str, Any]] = {
     "flow": {"batch_size": 32, "lr": 1e-3, "head": {"hidden_ratio": 1.0, **_WHITENED}},

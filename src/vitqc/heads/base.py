@@ -22,10 +22,14 @@ STANDARDIZATIONS = ("channel", "position", "whiten", "position-whiten")
 MAX_WHITENING_VALUES = 32_000_000
 
 
+def _finest(sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    return max(sizes, key=lambda s: s[0] * s[1])
+
+
 def concat_at_finest(features: list[torch.Tensor], neighbourhood: int = 1) -> torch.Tensor:
     """``[B, sum C, h, w]``: the maps (optionally averaged over a ``neighbourhood`` x
     ``neighbourhood`` window) brought to the finest grid (bilinear) and concatenated."""
-    size = max((f.shape[-2:] for f in features), key=lambda s: s[0] * s[1])
+    size = _finest([tuple(f.shape[-2:]) for f in features])
     out = []
     for f in features:
         if neighbourhood > 1:
@@ -36,10 +40,6 @@ def concat_at_finest(features: list[torch.Tensor], neighbourhood: int = 1) -> to
             f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
         out.append(f)
     return torch.cat(out, 1)
-
-
-def _finest(sizes: list[tuple[int, int]]) -> tuple[int, int]:
-    return max(sizes, key=lambda s: s[0] * s[1])
 
 
 class FeatureStandardizer(nn.Module):
