@@ -7,6 +7,7 @@ import pytest
 import torch
 from scipy.special import logsumexp
 from scipy.stats import norm
+from sklearn.covariance import ledoit_wolf
 
 from vitqc.errors import VitqcError
 from vitqc.heads import PAPER_DEFAULTS, create_head, fuse_maps, head_defaults
@@ -307,7 +308,7 @@ def _correlated_features(n: int, seed: int) -> list[torch.Tensor]:
 def test_position_whitening_gives_identity_covariance_at_every_position():
     train = _correlated_features(400, 0)
     standardizer = FeatureStandardizer(
-        [5, 3], [(6, 6), (3, 3)], "position-whiten", fuse=True, ridge=1e-6
+        [5, 3], [(6, 6), (3, 3)], "position-whiten", fuse=True, ridge=1e-6, shrink=False
     )
     standardizer.fit(train)
     assert standardizer.out_channels == [8] and standardizer.out_sizes == [(6, 6)]
@@ -331,7 +332,7 @@ def test_position_whitening_norm_is_the_mahalanobis_distance():
     for row, col in [(0, 1), (4, 2)]:
         pts = x_train[:, :, row, col].numpy()
         mean, std = pts.mean(0), pts.std(0, ddof=1)
-        corr = np.cov(((pts - mean) / std).T) + 0.01 * np.eye(8)
+        corr = ledoit_wolf((pts - mean) / std, assume_centered=True)[0] + 0.01 * np.eye(8)
         d = (x_new[:, :, row, col].numpy() - mean) / std
         expected = np.einsum("nc,cd,nd->n", d, np.linalg.inv(corr), d)
         got = z[:, :, row, col].double().pow(2).sum(1).numpy()
@@ -341,3 +342,18 @@ def test_position_whitening_norm_is_the_mahalanobis_distance():
 def test_position_whitening_refuses_wide_features_with_a_clear_error():
     with pytest.raises(VitqcError, match="position-whiten needs 116 M values"):
         FeatureStandardizer([768], [(14, 14)], "position-whiten")
+
+
+def test_few_training_images_give_a_tempered_whitening():
+    """48 images of 112 channels: the covariance is singular; shrinkage keeps a new
+    image's whitened norm close to its standardized one instead of blowing it up."""
+    g = torch.Generator().manual_seed(6)
+    mix = torch.randn(112, 112, generator=g) / 112**0.5 + torch.eye(112)
+    feats = torch.einsum("oc,bchw->bohw", mix, torch.randn(58, 112, 2, 2, generator=g))
+    train, new = [feats[:48]], [feats[48:]]
+    scale = {}
+    for shrink in (True, False):
+        standardizer = FeatureStandardizer([112], [(2, 2)], "position-whiten", shrink=shrink)
+        standardizer.fit(train)
+        scale[shrink] = float(standardizer(new)[0].pow(2).mean())
+    assert scale[True] < 3.0 < 20.0 < scale[False]
