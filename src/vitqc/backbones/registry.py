@@ -55,10 +55,10 @@ class BackboneSpec:
 # The features are narrow enough for a full per-position whitening (PaDiM's Gaussian), so
 # both density heads start from it and learn what it misses. Measured on magnetic_tile
 # (image AUROC / pixel AUROC / AUPRO), per-position standardization -> whitening: flow
-# 0.934 / 0.786 / 0.690 (60 epochs) -> 0.972 / 0.810 / 0.752 (40 epochs, one flow per
+# 0.934 / 0.786 / 0.690 (60 epochs) -> 0.971 / 0.809 / 0.758 (40 epochs, one flow per
 # stage as in FastFlow; one flow on the fused map reached 0.976 / 0.805 / 0.739 after 8
-# epochs at 4x the cost per epoch); GMM 0.856 / 0.716 / 0.755 -> 0.967 / 0.786 / 0.752 on
-# the fused map (about 0.944 / 0.767 / 0.761 per stage). The knn head gains image AUROC
+# epochs at 4x the cost per epoch); GMM 0.856 / 0.716 / 0.755 -> 0.965 / 0.784 / 0.759 on
+# the fused map (about 0.94 / 0.76 / 0.76 per stage). The knn head gains image AUROC
 # from per-position statistics too (heads/knn.py): 0.931 / 0.837 / 0.763 -> 0.967 /
 # 0.812 / 0.744.
 _WHITENED = {"standardize": "position-whiten"}
