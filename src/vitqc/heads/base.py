@@ -77,9 +77,9 @@ class FeatureStandardizer(nn.Module):
       identity), which a diagonal Gaussian mixture cannot model itself.
     - ``"position-whiten"``: per position, the mean and a ZCA whitening from the full
       channel correlation (Ledoit-Wolf shrunk unless ``shrink=False``, plus ``ridge`` x
-      identity): a patch's squared norm is
-      then its Mahalanobis distance under a per-position Gaussian (PaDiM's model), so a
-      head starts from that baseline and learns what a Gaussian misses. ZCA (the
+      identity): a patch's squared norm is then its Mahalanobis distance under a
+      per-position Gaussian (PaDiM's model), so a head starts from that baseline and
+      learns what a Gaussian misses. ZCA (the
       symmetric inverse square root) keeps each channel close to its own meaning at
       every position, which the flow's convolutions over neighbouring positions need.
 
@@ -162,10 +162,11 @@ class FeatureStandardizer(nn.Module):
         getattr(self, f"mean_{i}").copy_(mean.float())
         getattr(self, f"std_{i}").copy_(std.float())
         whitening = getattr(self, f"whitening_{i}")
-        # one position block at a time keeps the [P, N, C] copy small
+        standardized = ((f64 - mean) / std).flatten(2)  # [N, C, P], computed once
+        # one position block at a time keeps the [p, C, C] products and copies small
         for start in range(0, h * w, 256):
             cols = slice(start, min(start + 256, h * w))
-            x = ((f64 - mean) / std).flatten(2)[:, :, cols].permute(2, 0, 1)  # [p, N, C]
+            x = standardized[:, :, cols].permute(2, 0, 1)  # [p, N, C]
             corr = ledoit_wolf(x) if self.shrink else x.transpose(1, 2) @ x / max(1, n - 1)
             corr = corr + self.ridge * torch.eye(c, dtype=corr.dtype)
             eigval, eigvec = torch.linalg.eigh(corr)
