@@ -35,7 +35,7 @@ import torch
 from vitqc.backbones.cache import FeatureCache
 from vitqc.data.layouts import load_dataset
 from vitqc.metrics import image_auroc
-from vitqc.pipeline import FitOptions, fit, iter_image_batches, score_samples
+from vitqc.pipeline import FitOptions, fit, image_score_candidates, score_samples
 
 DEFAULT_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -58,31 +58,6 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
-
-
-@torch.no_grad()
-def vtadl_candidates(model, samples, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Every image-score candidate of a VT-ADL model on ``samples``."""
-    head = model.head
-    head.eval()
-    parts: dict[str, list[np.ndarray]] = {}
-    for x01 in iter_image_batches(samples, model.input_size, batch_size):
-        features = model.features(x01)
-        features = [f.clone() for f in features]
-        t = head.terms(features)
-        maps, _ = model.maps_from_features(features)
-        values = {
-            "loss": head.combine(t["nll"].mean(1), t["mse"], t["ssim"]),
-            "map_max": maps.flatten(1).max(1).values,
-            "nll_mean": t["nll"].mean(1),
-            "nll_max": t["nll"].max(1).values,
-            "mse": t["mse"],
-            "one_minus_ssim": 1 - t["ssim"],
-            "loss_nll_max": head.combine(t["nll"].max(1).values, t["mse"], t["ssim"]),
-        }
-        for k, v in values.items():
-            parts.setdefault(k, []).append(v.numpy())
-    return {k: np.concatenate(v) for k, v in parts.items()}
 
 
 def auroc_by_anomalous_class(samples, scores: np.ndarray) -> dict[str, float]:
@@ -125,7 +100,7 @@ def run_digit(root: Path, digit: int, options: FitOptions, args: argparse.Namesp
         "report": report.to_dict(),
     }
     if options.head == "vtadl":
-        cands = vtadl_candidates(model, ds.test)
+        cands = image_score_candidates(model, ds.test, batch_size=256)
         row["auroc_by_score"] = {k: image_auroc(labels, v) for k, v in cands.items()}
         row["auroc_by_score_and_class"] = {
             k: auroc_by_anomalous_class(ds.test, v) for k, v in cands.items()

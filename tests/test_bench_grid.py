@@ -25,12 +25,12 @@ from vitqc.bench.grid import (
     expand_grid,
     load_config_file,
     merged_config,
-    parse_head,
     run_grid,
     spec_from_config,
 )
 from vitqc.bench.store import open_store
 from vitqc.errors import VitqcError
+from vitqc.heads import parse_head
 
 GRID_CONFIG = {
     "backbones": [{"name": "test_resnet", "weights": "random"}, "no_such_backbone"],
@@ -302,6 +302,13 @@ def test_head_variants():
         parse_head("gnm")
     with pytest.raises(VitqcError, match=r"head variant 'gmm:colour=red'.*n_components"):
         parse_head("gmm:colour=red")
+    # VT-ADL takes its sizes as **options (preset defaults): those names are accepted too
+    assert parse_head("vtadl:patch_size=32+reduction=sum+preset=cpu") == (
+        "vtadl",
+        {"patch_size": 32, "reduction": "sum", "preset": "cpu"},
+    )
+    with pytest.raises(VitqcError, match=r"vtadl:patch=32.*patch_size"):
+        parse_head("vtadl:patch=32")
     with pytest.raises(VitqcError, match="unknown head"):
         spec_from_config({"data": ".", "backbones": "a", "heads": "flow,nope:x=1"})
     base = {"data": ".", "backbones": "a", "heads": "flow"}

@@ -114,6 +114,14 @@ def test_bad_inputs_give_one_line_errors(fitted, tmp_path, synth_root):
     assert_one_line_error(
         run_cli("fit", synth_root, "--out", tmp_path / "m", "--image-score", "top:2"), "top:2"
     )
+    assert_one_line_error(
+        run_cli("fit", synth_root, "--out", tmp_path / "m", "--head", "gmm:colour=red"),
+        "gmm:colour=red",
+    )
+    assert_one_line_error(
+        run_cli("fit", synth_root, "--out", tmp_path / "m", "--max-minutes", "0"),
+        "--max-minutes",
+    )
     empty = tmp_path / "empty" / "train" / "good"
     empty.mkdir(parents=True)
     assert_one_line_error(run_cli("fit", tmp_path / "empty", "--out", tmp_path / "m"), "empty")
@@ -163,3 +171,49 @@ def test_bundle_round_trip_gives_identical_scores(synth_root, tmp_path, head, he
     # batch independence of the whole model: one image alone scores as in a batch
     alone, _ = score_samples(loaded, dataset.test[:1], progress=False)
     assert alone[0] == pytest.approx(scores[0], rel=1e-5)
+
+
+def test_fit_head_variant_with_time_budget_and_score_choice(synth_root, tmp_path):
+    """``--head vtadl:option=value`` reaches the head, ``--max-minutes`` stops training
+    after one epoch, and the score-choice benchmark agrees with ``evaluate``."""
+    import importlib.util
+
+    from vitqc.metrics import image_auroc
+
+    model_dir = tmp_path / "vt"
+    sizes = "width=16+depth=1+heads=2+mlp_dim=32+latent_dim=16+decoder_channels=16"
+    proc = run_cli(
+        "fit", synth_root, "--out", model_dir, "--category", "tile", "--backbone", "pixels",
+        "--image-size", "64", "--head", f"vtadl:patch_size=8+{sizes}", "--epochs", "50",
+        "--max-minutes", "1e-6",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "stopped by time" in proc.stdout
+    config = json.loads((model_dir / "config.json").read_text())
+    head_config = config["head"]["config"]
+    assert (head_config["patch_size"], head_config["width"], head_config["preset"]) == (
+        8,
+        16,
+        "mnist",
+    )
+    train = config["meta"]["fit"]["train"]
+    assert (train["epochs_run"], train["stopped"], len(train["history"])) == (1, "time", 1)
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "image_score_choice.py"
+    spec = importlib.util.spec_from_file_location("image_score_choice", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "choice.json"
+    table = bench.main([str(model_dir), str(synth_root), "--category", "tile", "--out", str(out)])
+    assert set(table) == {
+        "map_max", "map_mean", "loss", "nll_mean", "nll_max", "mse", "one_minus_ssim",
+        "loss_nll_max",
+    }  # fmt: skip
+    assert json.loads(out.read_text()) == table
+    model, _ = load_bundle(model_dir)
+    dataset = load_dataset(synth_root, category="tile")
+    scores, _ = score_samples(model, dataset.test, progress=False)
+    labels = [s.label for s in dataset.test]
+    assert table["loss"]["all"] == pytest.approx(image_auroc(labels, scores), abs=1e-9)
+    defect_types = {s.defect_type for s in dataset.test if s.label == 1}
+    assert set(table["loss"]) == {"all", *defect_types}

@@ -135,6 +135,22 @@ def test_early_stopping_stops_after_patience(data):
     assert result.epochs_run < 500
 
 
+def test_time_budget_stops_after_the_epoch_that_reaches_it(data):
+    def run(**kw):
+        head = create_head("flow", CHANNELS, SIZES, steps=2)
+        head.prepare(data["train"])
+        cfg = TrainConfig(batch_size=8, lr=5e-2, progress=False, **kw)
+        return head, train_head(head, data["train"], data["val"], cfg)
+
+    head, result = run(epochs=50, patience=100, max_minutes=1e-9)
+    assert (result.epochs_run, result.best_epoch, result.stopped) == (1, 1, "time")
+    assert evaluate_loss(head, data["val"], 8) == pytest.approx(result.best_val_loss, rel=1e-5)
+    _, result = run(epochs=3, patience=100, max_minutes=60.0)
+    assert (result.epochs_run, result.stopped) == (3, "epochs")
+    _, result = run(epochs=500, patience=2)
+    assert result.stopped == "patience" and result.epochs_run == result.best_epoch + 2
+
+
 def test_greedy_coreset_covers_clusters():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])

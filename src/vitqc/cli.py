@@ -11,7 +11,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -63,7 +63,13 @@ def fit(
     backbone: Annotated[str, typer.Option(help="backbone name (see `vitqc backbones`)")] = (
         "tf_efficientnet_lite0"
     ),
-    head: Annotated[str, typer.Option(help="flow, gmm or knn")] = "flow",
+    head: Annotated[
+        str,
+        typer.Option(
+            help="flow, gmm, knn or vtadl; options as head:option=value joined by + "
+            "(e.g. vtadl:patch_size=32+reduction=sum)"
+        ),
+    ] = "flow",
     layers: Annotated[
         str | None, typer.Option(help="feature layers/blocks, e.g. 2,3 or 7 (DeiT block)")
     ] = None,
@@ -75,6 +81,10 @@ def fit(
     ] = None,
     epochs: Annotated[int, typer.Option(help="maximum epochs")] = 500,
     patience: Annotated[int, typer.Option(help="early-stopping patience (epochs)")] = 30,
+    max_minutes: Annotated[
+        float | None,
+        typer.Option(help="training time budget: stop after the epoch that reaches it"),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="default: paper's Table 2")] = None,
     lr: Annotated[float | None, typer.Option(help="default: paper's Table 2")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="default: paper's Table 2")] = None,
@@ -102,6 +112,7 @@ def fit(
 ) -> None:
     """Train a model on the good training images of DATA and write a model bundle."""
     from vitqc.bundle import save_bundle
+    from vitqc.heads import parse_head
     from vitqc.pipeline import FitOptions
     from vitqc.pipeline import fit as run_fit
     from vitqc.scoring import parse_image_score
@@ -109,8 +120,10 @@ def fit(
     if out.exists() and not out.is_dir():
         raise VitqcError(f"--out {out} exists and is not a directory")
     parse_image_score(image_score)
+    if max_minutes is not None and max_minutes <= 0:
+        raise VitqcError(f"--max-minutes must be positive, got {max_minutes}")
+    head, head_options = parse_head(head)
     dataset = _load_dataset(data, fmt, category, normal_class, seed)
-    head_options: dict[str, Any] = {}
     for key, value in {
         "n_components": components,
         "conditioning": conditioning,
@@ -129,6 +142,7 @@ def fit(
         head_options=head_options,
         epochs=epochs,
         patience=patience,
+        max_minutes=max_minutes,
         batch_size=batch_size,
         lr=lr,
         weight_decay=weight_decay,
@@ -150,6 +164,12 @@ def fit(
         f"fitted {head} on {backbone} ({report.n_train} train / {report.n_val} val images) "
         f"in {time.perf_counter() - start:.1f} s; threshold {report.calibration.threshold:.4g}"
     )
+    if report.train is not None:
+        t = report.train
+        _echo(
+            f"best epoch {t.best_epoch} of {t.epochs_run} (stopped by {t.stopped}), "
+            f"validation loss {t.best_val_loss:.4g}"
+        )
     _echo(f"model written to {out}")
 
 

@@ -41,6 +41,7 @@ class FitOptions:
     head_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 500
     patience: int = 30
+    max_minutes: float | None = None
     batch_size: int | None = None
     lr: float | None = None
     weight_decay: float | None = None
@@ -74,7 +75,8 @@ class FitReport:
             "calibration": self.calibration.to_dict(),
         }
         if self.train is not None:
-            out["train"] = {k: v for k, v in asdict(self.train).items() if k != "history"}
+            # the loss curve travels too (at most ``epochs`` pairs): it shows convergence
+            out["train"] = asdict(self.train)
         return out
 
 
@@ -114,6 +116,7 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         else defaults.get("weight_decay", 0.0),
         seed=options.seed,
         progress=options.progress,
+        max_minutes=options.max_minutes,
     )
     head_kwargs = {**defaults["head"], **options.head_options, "seed": options.seed}
 
@@ -187,6 +190,26 @@ def score_samples(
         maps.append(m.numpy())
         scores.append(s.numpy())
     return np.concatenate(scores), np.concatenate(maps)
+
+
+@torch.no_grad()
+def image_score_candidates(
+    model: AnomalyModel, samples: Sequence[Sample], batch_size: int = 64
+) -> dict[str, np.ndarray]:
+    """Alternative image scores on ``samples``, each ``[N]``: the maximum and the mean of
+    the (smoothed) map, plus the head's own ``score_candidates`` when it has them (VT-ADL's
+    loss terms). For choosing an image score on data, not for inference."""
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {}
+    for x01 in iter_image_batches(samples, model.input_size, batch_size):
+        features = [f.clone() for f in model.features(x01)]  # out of inference mode
+        maps, _ = model.maps_from_features(features)
+        values = {"map_max": maps.flatten(1).amax(1), "map_mean": maps.flatten(1).mean(1)}
+        if hasattr(model.head, "score_candidates"):
+            values.update(model.head.score_candidates(features))
+        for key, value in values.items():
+            parts.setdefault(key, []).append(value.numpy())
+    return {key: np.concatenate(value) for key, value in parts.items()}
 
 
 def _display_maps(model: AnomalyModel, maps: np.ndarray) -> tuple[np.ndarray, float]:

@@ -26,6 +26,8 @@ class TrainConfig:
     weight_decay: float = 1e-5
     seed: int = 0
     progress: bool = True
+    #: Wall-clock budget: stop after the epoch that reaches it (best weights restored).
+    max_minutes: float | None = None
 
 
 @dataclass
@@ -34,6 +36,7 @@ class TrainResult:
     best_val_loss: float
     epochs_run: int
     seconds: float
+    stopped: str = "epochs"  # "epochs", "patience" or "time"
     history: list[tuple[float, float]] = field(default_factory=list)
 
 
@@ -77,7 +80,7 @@ def train_head(
         disable=not config.progress,
         leave=False,
     )
-    epoch = 0
+    epoch, stopped = 0, "epochs"
     for epoch in bar:
         head.train()
         running, seen = 0.0, 0
@@ -99,8 +102,16 @@ def train_head(
             best_state = copy.deepcopy(head.state_dict())
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=best_epoch)
         if epoch - best_epoch >= config.patience:
+            stopped = "patience"
+            break
+        if (
+            config.max_minutes is not None
+            and time.perf_counter() - start >= 60 * config.max_minutes
+        ):
+            stopped = "time" if epoch < config.epochs else "epochs"
             break
     bar.close()
     head.load_state_dict(best_state)
     head.eval()
-    return TrainResult(best_epoch, best_loss, epoch, time.perf_counter() - start, history)
+    seconds = time.perf_counter() - start
+    return TrainResult(best_epoch, best_loss, epoch, seconds, stopped, history)

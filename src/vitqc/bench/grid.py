@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from vitqc.bench.store import now_iso, open_store, to_json
 from vitqc.errors import VitqcError
+from vitqc.heads import parse_head
 
 # --------------------------------------------------------------------------- presets
 
@@ -154,39 +155,6 @@ def _split(text: str | Iterable[str] | None) -> list[str]:
         return []
     items = text.split(",") if isinstance(text, str) else [str(t) for t in text]
     return [t.strip() for t in items if str(t).strip()]
-
-
-def parse_head(text: str) -> tuple[str, dict[str, Any]]:
-    """``"gmm"`` or a variant ``"gmm:conditioning=embedding"`` (options joined by '+').
-
-    A variant is its own method in the tables (the string is its label), so one grid
-    can compare, say, two GMM conditionings on the same cached features.
-    """
-    import inspect
-
-    from vitqc.heads import HEADS
-
-    name, _, rest = str(text).strip().partition(":")
-    if name not in HEADS:
-        raise VitqcError(f"unknown head {name!r}: choose from {', '.join(HEADS)}")
-    accepted = set(inspect.signature(HEADS[name].__init__).parameters) - {
-        "self",
-        "feature_channels",
-        "feature_sizes",
-    }
-    options: dict[str, Any] = {}
-    for item in filter(None, (p.strip() for p in rest.split("+"))):
-        key, eq, value = item.partition("=")
-        if not eq or key.strip() not in accepted:
-            raise VitqcError(
-                f"head variant {text!r}: expected {name}:option=value with an option of "
-                f"{name} ({', '.join(sorted(accepted))})"
-            )
-        try:
-            options[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            options[key.strip()] = value.strip()
-    return name, options
 
 
 def _parse_layers(text: str, name: str) -> tuple[int, ...]:

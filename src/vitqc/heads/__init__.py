@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 from typing import Any
 
 from vitqc.errors import VitqcError
@@ -101,4 +103,50 @@ def create_head(
     return HEADS[name](feature_channels, feature_sizes, **kwargs)
 
 
-__all__ = ["HEADS", "Head", "create_head", "fuse_maps", "head_defaults", "PAPER_DEFAULTS"]
+def head_option_names(name: str) -> set[str]:
+    """Options a head accepts: its keyword arguments, plus ``option_names`` when it
+    takes ``**options`` (VT-ADL's sizes, which default from a preset)."""
+    cls = HEADS[name]
+    params = inspect.signature(cls.__init__).parameters
+    names = {k for k, p in params.items() if p.kind is not p.VAR_KEYWORD}
+    return (names | set(getattr(cls, "option_names", ()))) - {
+        "self",
+        "feature_channels",
+        "feature_sizes",
+    }
+
+
+def parse_head(text: str) -> tuple[str, dict[str, Any]]:
+    """``"gmm"`` or a variant ``"gmm:conditioning=embedding"`` (options joined by '+').
+
+    A variant is its own method in the tables (the string is its label), so one grid
+    can compare, say, two GMM conditionings on the same cached features.
+    """
+    name, _, rest = str(text).strip().partition(":")
+    if name not in HEADS:
+        raise VitqcError(f"unknown head {name!r}: choose from {', '.join(HEADS)}")
+    accepted = head_option_names(name)
+    options: dict[str, Any] = {}
+    for item in filter(None, (p.strip() for p in rest.split("+"))):
+        key, eq, value = item.partition("=")
+        if not eq or key.strip() not in accepted:
+            raise VitqcError(
+                f"head variant {text!r}: expected {name}:option=value with an option of "
+                f"{name} ({', '.join(sorted(accepted))})"
+            )
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value.strip()
+    return name, options
+
+
+__all__ = [
+    "HEADS",
+    "Head",
+    "PAPER_DEFAULTS",
+    "create_head",
+    "fuse_maps",
+    "head_defaults",
+    "parse_head",
+]

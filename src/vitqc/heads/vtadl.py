@@ -269,6 +269,10 @@ class VTADLHead(Head):
     """VT-ADL as a head over ``[image]``; see the module docstring for the design."""
 
     name = "vtadl"
+    #: Accepted ``**options`` (each overrides the preset), for ``vtadl:option=value``.
+    option_names = tuple(
+        sorted({*COMMON_DEFAULTS, *(k for p in VTADL_PRESETS.values() for k in p)} - {"image_size"})
+    )
 
     def __init__(
         self,
@@ -421,6 +425,22 @@ class VTADLHead(Head):
         if self.image_score == "map_max":
             return None
         return self.image_loss(features)
+
+    def score_candidates(self, features: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every image-score candidate built from the loss terms, each ``[B]``: the
+        training loss (the paper's), its terms alone, and the loss with the patch NLL's
+        maximum in place of its mean. With the map maximum (from ``AnomalyModel``) these
+        are what ``benchmarks/`` compare to pick ``image_score``."""
+        t = self.terms(features)
+        nll_max = t["nll"].max(1).values
+        return {
+            "loss": self.combine(t["nll"].mean(1), t["mse"], t["ssim"]),
+            "nll_mean": t["nll"].mean(1),
+            "nll_max": nll_max,
+            "mse": t["mse"],
+            "one_minus_ssim": 1.0 - t["ssim"],
+            "loss_nll_max": self.combine(nll_max, t["mse"], t["ssim"]),
+        }
 
     def config(self) -> dict[str, Any]:
         return {"preset": self.preset, "seed": self.seed, **self.options}
