@@ -394,3 +394,15 @@ def test_latency_keeps_what_it_could_measure():
     with pytest.raises(RuntimeError):
         measure_latency(Broken(), (1,), min_seconds=0, min_repeats=1)
     assert count_parameters(Broken()) == 3 * 4 * 9 + 4
+
+
+def test_time_budget_is_part_of_the_cell(tmp_path):
+    base = {"data": str(tmp_path), "backbones": "a", "heads": "vtadl"}
+    plain, budget = spec_from_config(base), spec_from_config({**base, "max_minutes": "30"})
+    assert (plain.max_minutes, budget.max_minutes) == (None, 30.0)
+    cell = Cell(tmp_path, None, BackboneChoice("a"), "vtadl")
+    assert "max_minutes" not in cell.config(plain)  # keys of earlier runs unchanged
+    assert cell.config(budget)["max_minutes"] == 30.0
+    assert cell.key(plain) != cell.key(budget)
+    with pytest.raises(VitqcError, match="--max-minutes"):
+        spec_from_config({**base, "max_minutes": 0})

@@ -50,6 +50,9 @@ def benchmark(
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="maximum epochs per head")] = None,
     patience: Annotated[int | None, typer.Option(help="early-stopping patience")] = None,
+    max_minutes: Annotated[
+        float | None, typer.Option(help="training time budget per cell (minutes)")
+    ] = None,
     weights: Annotated[
         str | None, typer.Option(help="backbone weights: default, hub, package, random or a file")
     ] = None,
@@ -106,6 +109,7 @@ def benchmark(
         "categories": categories,
         "epochs": epochs,
         "patience": patience,
+        "max_minutes": max_minutes,
         "weights": weights,
         "backbone_weights": _parse_backbone_weights(backbone_weights),
         "seed": seed,

@@ -178,6 +178,7 @@ class GridSpec:
     format: str = "auto"
     epochs: int = 500
     patience: int = 30
+    max_minutes: float | None = None  # training time budget per cell
     seed: int = 0
     val_fraction: float = 0.2
     batch_size: int | None = None
@@ -206,6 +207,7 @@ _SPEC_KEYS = {
     "format",
     "epochs",
     "patience",
+    "max_minutes",
     "seed",
     "val_fraction",
     "batch_size",
@@ -328,6 +330,7 @@ def spec_from_config(config: Mapping[str, Any]) -> GridSpec:
         "format": str,
         "epochs": int,
         "patience": int,
+        "max_minutes": float,
         "seed": int,
         "val_fraction": float,
         "batch_size": int,
@@ -362,6 +365,8 @@ def spec_from_config(config: Mapping[str, Any]) -> GridSpec:
     parse_image_score(spec.image_score)
     if spec.epochs < 1:
         raise VitqcError(f"--epochs must be at least 1, got {spec.epochs}")
+    if spec.max_minutes is not None and spec.max_minutes <= 0:
+        raise VitqcError(f"--max-minutes must be positive, got {spec.max_minutes}")
     return spec
 
 
@@ -405,6 +410,7 @@ class Cell:
             "val_fraction": spec.val_fraction,
             "smoothing_sigma": spec.smoothing_sigma,
             **({"image_score": spec.image_score} if spec.image_score != "max" else {}),
+            **({"max_minutes": spec.max_minutes} if spec.max_minutes is not None else {}),
             "target_fpr": spec.target_fpr,
         }
 
@@ -523,6 +529,7 @@ def run_cell(
         head_options=dict(config["head_options"]),
         epochs=spec.epochs,
         patience=spec.patience,
+        max_minutes=spec.max_minutes,
         batch_size=spec.batch_size,
         lr=spec.lr,
         weight_decay=spec.weight_decay,
