@@ -119,6 +119,11 @@ def test_bad_inputs_give_one_line_errors(fitted, tmp_path, synth_root):
         "gmm:colour=red",
     )
     assert_one_line_error(
+        run_cli("fit", synth_root, "--out", tmp_path / "m", "--head", "vtadl", "--backbone",
+                "tf_efficientnet_lite0", "--category", "tile"),
+        "--head vtadl", "--backbone tf_efficientnet_lite0", "use --backbone pixels",
+    )  # fmt: skip
+    assert_one_line_error(
         run_cli("fit", synth_root, "--out", tmp_path / "m", "--max-minutes", "0"),
         "--max-minutes",
     )

@@ -276,15 +276,14 @@ def test_bundle_round_trip(tmp_path):
 
     ds = load_dataset(require(MNIST), format="mnist", normal_class=7)
     ds.train, ds.val, ds.test = ds.train[:16], ds.val[:8], ds.test[:12]
-    options = pipeline.FitOptions(
-        backbone="pixels",
-        image_size=28,
+    options = pipeline.FitOptions(  # backbone and size by default: pixels at MNIST's 28 px
         head="vtadl",
         head_options={**TINY, "decoder_channels": 16},
         epochs=2,
         progress=False,
     )
     model, _ = pipeline.fit(ds, options)
+    assert model.extractor.name == "pixels" and model.input_size == (28, 28)
     assert model.head.preset == "mnist" and model.head.grid == (7, 7)
     scores, maps = pipeline.score_samples(model, ds.test, progress=False)
     save_bundle(model, tmp_path / "model")

@@ -60,9 +60,13 @@ def _parse_layers(layers: str | None) -> tuple[int, ...] | None:
 def fit(
     data: DataArg,
     out: Annotated[Path, typer.Option("--out", help="model directory to write")],
-    backbone: Annotated[str, typer.Option(help="backbone name (see `vitqc backbones`)")] = (
-        "tf_efficientnet_lite0"
-    ),
+    backbone: Annotated[
+        str | None,
+        typer.Option(
+            help="backbone name (see `vitqc backbones`); default tf_efficientnet_lite0, "
+            "pixels for vtadl"
+        ),
+    ] = None,
     head: Annotated[
         str,
         typer.Option(
@@ -161,7 +165,8 @@ def fit(
     }
     save_bundle(model, out, meta)
     _echo(
-        f"fitted {head} on {backbone} ({report.n_train} train / {report.n_val} val images) "
+        f"fitted {head} on {model.extractor.name} "
+        f"({report.n_train} train / {report.n_val} val images) "
         f"in {time.perf_counter() - start:.1f} s; threshold {report.calibration.threshold:.4g}"
     )
     if report.train is not None:

@@ -24,7 +24,7 @@ from vitqc.data.io import load_image
 from vitqc.data.records import Dataset, Sample
 from vitqc.data.transforms import Preprocessor, resize_batch
 from vitqc.errors import VitqcError
-from vitqc.heads import create_head, head_defaults
+from vitqc.heads import check_backbone, create_head, default_backbone, head_defaults
 from vitqc.scoring import AnomalyModel
 from vitqc.training import TrainConfig, TrainResult, train_head
 
@@ -33,7 +33,7 @@ from vitqc.training import TrainConfig, TrainResult, train_head
 class FitOptions:
     """Everything ``vitqc fit`` can set; None means "the paper's default for this pair"."""
 
-    backbone: str = "tf_efficientnet_lite0"
+    backbone: str | None = None  # None: the head's default (heads.default_backbone)
     layers: tuple[int, ...] | None = None
     weights: str = "default"
     image_size: int | None = None
@@ -99,12 +99,14 @@ def build_preprocessor(extractor, train: Sequence[Sample], minmax: bool) -> Prep
 def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]:
     if not dataset.train:
         raise VitqcError(f"empty training set in {dataset.name}/{dataset.category}")
+    backbone = options.backbone or default_backbone(options.head)
+    image_size = options.image_size
+    if image_size is None and backbone == "pixels" and dataset.native_size is not None:
+        image_size = dataset.native_size  # e.g. 28 px digits stay 28 px
     extractor = create_backbone(
-        options.backbone,
-        layers=options.layers,
-        weights=options.weights,
-        image_size=options.image_size,
+        backbone, layers=options.layers, weights=options.weights, image_size=image_size
     )
+    check_backbone(options.head, extractor.name, extractor.family)
     defaults = head_defaults(options.head, extractor.name, extractor.family)
     train_cfg = TrainConfig(
         epochs=options.epochs,

@@ -472,7 +472,16 @@ def _load_mnist(
         )
         for i, d in enumerate(te_labels.tolist())
     ]
-    return Dataset(name, f"digit_{digit}", "mnist", train, val, test, has_masks=False)
+    return Dataset(
+        name,
+        f"digit_{digit}",
+        "mnist",
+        train,
+        val,
+        test,
+        has_masks=False,
+        native_size=(int(tr_images.shape[1]), int(tr_images.shape[2])),
+    )
 
 
 # --------------------------------------------------------------------------- loading

@@ -46,6 +46,9 @@ class Dataset:
     val: list[Sample]
     test: list[Sample]
     has_masks: bool = True
+    #: Side of every image when the format fixes it (MNIST: 28 x 28); models that see
+    #: raw pixels default to it instead of upsampling.
+    native_size: tuple[int, int] | None = None
 
     @property
     def defect_types(self) -> list[str]:

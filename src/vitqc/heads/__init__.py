@@ -6,6 +6,7 @@ import inspect
 import json
 from typing import Any
 
+from vitqc.backbones.registry import DEFAULT_BACKBONE
 from vitqc.errors import VitqcError
 from vitqc.heads.base import Head, fuse_maps
 from vitqc.heads.flow import FlowHead
@@ -100,7 +101,26 @@ def create_head(
 ) -> Head:
     if name not in HEADS:
         raise VitqcError(f"unknown head {name!r} (--head): choose one of {', '.join(HEADS)}")
-    return HEADS[name](feature_channels, feature_sizes, **kwargs)
+    try:
+        return HEADS[name](feature_channels, feature_sizes, **kwargs)
+    except ValueError as exc:  # a bad option or a backbone the head cannot use
+        raise VitqcError(f"--head {name}: {exc}") from exc
+
+
+def check_backbone(head: str, backbone: str, family: str) -> None:
+    """Refuse a head/backbone pair that cannot work, before any feature is extracted."""
+    families = getattr(HEADS.get(head), "backbone_families", None)
+    if families and family not in families:
+        raise VitqcError(
+            f"--head {head} cannot run on --backbone {backbone}: use --backbone "
+            f"{default_backbone(head)}"
+        )
+
+
+def default_backbone(head: str) -> str:
+    """The backbone a head runs on when none is named (VT-ADL: the image itself)."""
+    cls = HEADS.get(head)
+    return getattr(cls, "default_backbone", None) or DEFAULT_BACKBONE
 
 
 def head_option_names(name: str) -> set[str]:
@@ -145,7 +165,9 @@ __all__ = [
     "HEADS",
     "Head",
     "PAPER_DEFAULTS",
+    "check_backbone",
     "create_head",
+    "default_backbone",
     "fuse_maps",
     "head_defaults",
     "parse_head",

@@ -269,6 +269,8 @@ class VTADLHead(Head):
     """VT-ADL as a head over ``[image]``; see the module docstring for the design."""
 
     name = "vtadl"
+    default_backbone = "pixels"
+    backbone_families = ("pixels",)  # it learns its own encoder from the image
     #: Accepted ``**options`` (each overrides the preset), for ``vtadl:option=value``.
     option_names = tuple(
         sorted({*COMMON_DEFAULTS, *(k for p in VTADL_PRESETS.values() for k in p)} - {"image_size"})
@@ -284,7 +286,10 @@ class VTADLHead(Head):
     ) -> None:
         super().__init__(feature_channels, feature_sizes)
         if len(self.feature_sizes) != 1:
-            raise ValueError(f"vtadl takes one input (the image), got {len(feature_sizes)} maps")
+            raise ValueError(
+                f"vtadl trains on the image itself (--backbone pixels), got {len(feature_sizes)} "
+                "feature maps"
+            )
         height, width_px = self.feature_sizes[0]
         preset = preset or preset_for_size(height, width_px)
         if preset not in VTADL_PRESETS:
