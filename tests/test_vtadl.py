@@ -293,3 +293,13 @@ def test_bundle_round_trip(tmp_path):
     scores2, maps2 = pipeline.score_samples(loaded, ds.test, progress=False)
     np.testing.assert_allclose(scores2, scores, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(maps2, maps, rtol=1e-5, atol=1e-6)
+
+
+def test_step_benchmark_measures_every_part():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vtadl_step.py"
+    spec = importlib.util.spec_from_file_location("bench_vtadl_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r = bench.measure(28, {"preset": "mnist"}, batch=2, channels=3, repeats=1)
+    assert r["grid"] == "7x7" and 0.5 < r["params_m"] < 1.0
+    assert all(r[k] > 0 for k in ("step", "encoder", "decoder", "ssim", "nll"))
