@@ -93,6 +93,8 @@ def test_presets_and_validation():
         tiny_head(28, nonsense=1)
     with pytest.raises(ValueError, match="image_score"):
         tiny_head(28, image_score="median")
+    with pytest.raises(ValueError, match="anomaly_map"):
+        tiny_head(28, anomaly_map="ssim")
 
 
 def test_registered_with_paper_training_defaults():
@@ -145,6 +147,19 @@ def test_overfits_a_few_images_and_nll_stays_bounded():
     bound = math.log(head.mixture.min_std) + 0.5 * math.log(2 * math.pi)
     assert torch.isfinite(nll).all()
     assert float(nll.min()) > bound + 0.5  # a real density estimate, not a collapse
+
+    # the residual map: |x - recon| at pixel resolution, highest where the image has
+    # something the autoencoder never saw (a bright square on the dark background)
+    head.anomaly_map = "residual"
+    odd = x[:1].clone()
+    odd[..., 1:6, 1:6] = 1.0
+    with torch.no_grad():
+        residual = head([odd])[0]
+        expected = (head.terms([odd])["recon"] - odd).abs().mean(1)[0]
+    torch.testing.assert_close(residual, expected)
+    assert residual.shape == (28, 28)
+    inside = residual[1:6, 1:6].mean()
+    assert float(inside) > 3 * float(residual.mean())
 
 
 def test_nll_gradient_stops_at_encoder_unless_joint():

@@ -154,10 +154,12 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "lambda_mse": 5.0,
     "lambda_ssim": 0.5,
     "image_score": "loss",
+    "anomaly_map": "nll",
 }
 
 REDUCTIONS = ("linear", "sum")
 IMAGE_SCORES = ("loss", "map_max")
+ANOMALY_MAPS = ("nll", "residual")
 DECODER_LAYERS = 5
 SSIM_DATA_RANGE = 2.0  # images normalized to [-1, 1]
 
@@ -314,6 +316,7 @@ class VTADLHead(Head):
         self.lambda_ssim = float(values["lambda_ssim"])
         self.joint_nll = bool(values["joint_nll"])
         self.image_score = str(values["image_score"])
+        self.anomaly_map = str(values["anomaly_map"])
         self.reduction = str(values["reduction"])
         n_tokens = self.grid[0] * self.grid[1]
         with torch.random.fork_rng():
@@ -360,6 +363,7 @@ class VTADLHead(Head):
             ("reduction", REDUCTIONS),
             ("conditioning", CONDITIONINGS),
             ("image_score", IMAGE_SCORES),
+            ("anomaly_map", ANOMALY_MAPS),
         ):
             if values[key] not in allowed:
                 raise ValueError(f"vtadl {key} must be one of {allowed}, got {values[key]!r}")
@@ -416,8 +420,14 @@ class VTADLHead(Head):
         return self.combine(t["nll"].mean(), t["mse"].mean(), t["ssim"].mean())
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Per-patch NLL map ``[B, gh, gw]`` (no decoder pass needed)."""
-        nll = self.patch_nll(self.embeddings(features[0]))
+        """Anomaly map: the per-patch NLL ``[B, gh, gw]`` (the paper's; no decoder pass),
+        or with ``anomaly_map="residual"`` the reconstruction error ``|x - recon|``
+        averaged over channels, ``[B, H, W]``."""
+        x = features[0]
+        tokens = self.embeddings(x)
+        if self.anomaly_map == "residual":
+            return (self.reconstruct_from_tokens(tokens) - x).abs().mean(1)
+        nll = self.patch_nll(tokens)
         return nll.view(nll.shape[0], *self.grid)
 
     def image_loss(self, features: list[torch.Tensor]) -> torch.Tensor:
