@@ -25,7 +25,7 @@ from vitqc.heads.vtadl import SSIM_DATA_RANGE, VTADLHead, describe
 VARIANTS: list[tuple[str, int, dict]] = [
     ("mnist preset, 28 px", 28, {"preset": "mnist"}),
     ("cpu preset, 256 px", 256, {"preset": "cpu"}),
-    ("cpu, patch_size=32", 256, {"preset": "cpu", "patch_size": 32}),
+    ("cpu, patch_size=16", 256, {"preset": "cpu", "patch_size": 16}),
     ("cpu, reduction=sum", 256, {"preset": "cpu", "reduction": "sum"}),
 ]
 

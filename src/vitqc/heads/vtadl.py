@@ -50,36 +50,52 @@ pixel, SSIM from ``pytorch_msssim`` (data range 2). Defaults lambda_mse = 5 and
 lambda_ssim = 0.5 are the original code's weights (``5*MSE - 0.5*SSIM``). Training adds
 Gaussian noise (sd ``noise_sd``, 0.2 in the original) to the tokens fed to the decoder.
 
-Scores. ``forward`` is the per-patch NLL on the patch grid (``AnomalyModel`` upsamples
-bilinearly and smooths). ``image_scores`` is the per-image training loss (mean patch NLL
-+ lambda_mse MSE + lambda_ssim (1 - SSIM): a worse reconstruction raises the score; the
-original added +SSIM) with ``image_score="loss"``, or None with ``"map_max"`` so the
-model falls back to the maximum of the (smoothed) map. In eval mode nothing is random
-(no noise, BatchNorm on running statistics), and every score is per image. On MNIST one-
-class (ten digits, 100 epochs) the loss gave a mean image AUROC of 0.865 and the map
-maximum 0.577, so "loss" is the default. The per-patch NLL is a *local* density: a
-digit of another class is made of strokes and background whose tokens are each typical,
-so it does not flag semantic anomalies (for normal "8" the map maximum ranks every other
-digit *below* the 8s: AUROC 0.12-0.54), and a from-scratch autoencoder reconstructs
-thin digits better than the normal class (normal "8" vs "1": MSE AUROC 0.10). A knn head
-on pretrained features scored 0.979 on the same protocol.
+Scores. ``forward`` is the anomaly map: the per-patch NLL on the patch grid (the
+paper's; ``AnomalyModel`` upsamples bilinearly and smooths), or with
+``anomaly_map="residual"`` the reconstruction error ``|x - recon|`` at pixel resolution.
+``image_scores`` is the per-image training loss (mean patch NLL + lambda_mse MSE +
+lambda_ssim (1 - SSIM): a worse reconstruction raises the score; the original added
++SSIM) with ``image_score="loss"``, or None with ``"map_max"`` so the model falls back to
+the maximum of the (smoothed) map. In eval mode nothing is random (no noise, BatchNorm on
+running statistics), and every score is per image. ``score_candidates`` lists the
+alternatives that ``benchmarks/image_score_choice.py`` compares.
+
+Measured (details in the issue notes):
+- MNIST one-class (ten digits, 100 epochs): loss 0.865 mean image AUROC, map maximum
+  0.577, so "loss" is the default. The per-patch NLL is a *local* density: a digit of
+  another class is made of strokes and background whose tokens are each typical, so it
+  does not flag semantic anomalies (for normal "8" the map maximum ranks every other
+  digit *below* the 8s: AUROC 0.12-0.54), and a from-scratch autoencoder reconstructs
+  thin digits better than the normal class (normal "8" vs "1": MSE AUROC 0.10). A knn
+  head on pretrained features scored 0.979 on the same protocol.
+- magnetic_tile (609 training images, 256 px, "cpu" preset, trained to early stopping):
+  image AUROC 0.535 (loss) / 0.507 (map max), pixel AUROC 0.536, AUPRO 0.200, i.e.
+  chance; the residual map localizes better (pixel AUROC 0.663, AUPRO 0.577) but its
+  maximum is no better at detection (0.550). The flow head on EfficientNet-Lite0
+  features: 0.971 / 0.809 / 0.758. Why: the 256-number bottleneck reconstructs a
+  blurred tile without the grain and scratches every tile has, so the residual, MSE and
+  SSIM are dominated by normal texture everywhere (a blowhole is < 0.1 % of the image);
+  the tokens, trained only to feed that bottleneck, encode shading, and their per-
+  position density follows shading rather than defects. Training the NLL jointly (the
+  paper's objective, ``joint_nll=True``) raised AUPRO to 0.336, no more.
 
 Presets (``VTADL_PRESETS``; ``preset=None`` picks by image side: <= 64 px "mnist",
 < 512 "cpu", otherwise "paper"). Every size is also a keyword argument that overrides
-the preset. Costs measured on a shared 2-core CPU, one torch thread:
+the preset (``vtadl:patch_size=16`` on the command line). Costs from
+``benchmarks/bench_vtadl_step.py`` (one Adam step at batch 8 over 3-channel images, one
+torch thread, 2-core CPU, ms per training image):
 
 - "mnist": 28 px, patch 4 (7 x 7 grid), width 64, depth 4, 4 heads, MLP 128, latent 64,
-  decoder seed 64 x 7 x 7. 0.66 M parameters; about 3 ms per training image, so one
-  digit of the MNIST protocol (400 train + 100 validation images) takes about 1.2 s per
-  epoch and 100 epochs about 2 minutes (at lr 1e-4 the best validation epoch was
-  92-100 on every digit: longer training would still help).
-- "cpu": 256 px, patch 16 (16 x 16 grid), width 128, depth 4, 4 heads, MLP 256, latent
-  256, seed 128 x 8 x 8. 11.5 M parameters (8.4 M in the linear reduction); about 70 ms
-  forward + backward per training image (SSIM at 256 px is half of it), i.e. 20-25 s per
-  epoch for 250 training images and 35-40 minutes for 100 epochs (the original trained
-  400 epochs; cap ``--epochs`` to fit the budget). Patch 32 (8 x 8 grid) brings it to
-  about 45 ms but coarsens localization; ``reduction="sum"`` drops the 8.4 M parameters
-  at the same speed.
+  decoder seed 64 x 7 x 7. 0.66 M parameters; 3-7 ms per training image, so one digit of
+  the MNIST protocol (400 train + 100 validation images) takes 1.2-5 s per epoch and 100
+  epochs 2-8 minutes (at lr 1e-4 the best validation epoch was 92-100 on every digit).
+- "cpu": 256 px, the paper's patch 32 (8 x 8 grid), width 128, depth 4, 4 heads, MLP 256,
+  latent 256, seed 128 x 8 x 8. 5.5 M parameters; 67 ms per training image (SSIM 28,
+  decoder 11, encoder 8), 47 s per epoch for magnetic_tile's 609 + 152 images; early
+  stopping ended it after 41 epochs in 36 minutes. Patch 16 (16 x 16 grid, 11.5 M
+  parameters) costs 97 ms per image (81 s per epoch) and was still improving when an
+  85-minute budget stopped it at epoch 61 (AUPRO 0.247, residual 0.601: no better).
+  ``reduction="sum"`` saves a quarter (51 ms). ``--max-minutes`` caps any run.
 - "paper": 512 px, patch 32, width 512, depth 6, 8 heads, MLP 1024, latent 512, seed
   256 x 16 x 16. 116 M parameters (67 M in the linear reduction); for a GPU.
 
@@ -117,10 +133,11 @@ VTADL_PRESETS: dict[str, dict[str, Any]] = {
         "decoder_channels": 256,
         "n_components": 10,
     },
-    # 256 px on a small CPU: patch 16 keeps a 16 x 16 localization grid, width 128.
+    # 256 px on a small CPU: the paper's patch 32 (8 x 8 grid), width 128. Patch 16 (a
+    # 16 x 16 grid) costs 1.7x per epoch and did not converge in 85 minutes on 609 images.
     "cpu": {
         "image_size": 256,
-        "patch_size": 16,
+        "patch_size": 32,
         "width": 128,
         "depth": 4,
         "heads": 4,
