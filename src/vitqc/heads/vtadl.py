@@ -61,13 +61,14 @@ running statistics), and every score is per image. ``score_candidates`` lists th
 alternatives that ``benchmarks/image_score_choice.py`` compares.
 
 Measured (details in the issue notes):
-- MNIST one-class (ten digits, 100 epochs): loss 0.865 mean image AUROC, map maximum
-  0.577, so "loss" is the default. The per-patch NLL is a *local* density: a digit of
-  another class is made of strokes and background whose tokens are each typical, so it
-  does not flag semantic anomalies (for normal "8" the map maximum ranks every other
-  digit *below* the 8s: AUROC 0.12-0.54), and a from-scratch autoencoder reconstructs
-  thin digits better than the normal class (normal "8" vs "1": MSE AUROC 0.10). A knn
-  head on pretrained features scored 0.979 on the same protocol.
+- MNIST one-class (ten digits, 100 epochs): loss 0.861 mean image AUROC, map maximum
+  0.586 (1-SSIM alone 0.924, MSE 0.905), so "loss" is the default. The per-patch NLL is
+  a *local* density: a digit of another class is made of strokes and background whose
+  tokens are each typical, so it does not flag semantic anomalies (for normal "8" the
+  map maximum ranks every other digit *below* the 8s: AUROC 0.12-0.54), and a from-
+  scratch autoencoder reconstructs thin digits better than the normal class (normal "8"
+  vs "1": MSE AUROC 0.10). A knn head on pretrained features scored 0.979 on the same
+  protocol.
 - magnetic_tile (609 training images, 256 px, "cpu" preset, trained to early stopping):
   image AUROC 0.535 (loss) / 0.507 (map max), pixel AUROC 0.536, AUPRO 0.200, i.e.
   chance; the residual map localizes better (pixel AUROC 0.663, AUPRO 0.577) but its
