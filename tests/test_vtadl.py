@@ -226,6 +226,18 @@ def test_image_scores_loss_terms_and_map_max():
         torch.testing.assert_close(scores, expected.detach())
     assert head.image_scores([x]) is None
 
+    # score(): map and image score from one pass, the same as forward / image_scores
+    with torch.no_grad():
+        for anomaly_map in ("nll", "residual"):
+            for mode in ("loss", "map_max"):
+                head.anomaly_map, head.image_score = anomaly_map, mode
+                patch_map, image_scores = head.score([x])
+                torch.testing.assert_close(patch_map, head([x]))
+                if mode == "map_max":
+                    assert image_scores is None
+                else:
+                    torch.testing.assert_close(image_scores, head.image_scores([x]))
+
 
 def test_config_round_trip(tmp_path):
     head = tiny_head(28, reduction="sum", n_components=4, image_score="map_max", seed=3)

@@ -117,12 +117,10 @@ class AnomalyModel(nn.Module):
         with torch.no_grad():
             self.head.eval()
             features = [f.float() for f in features]
-            patch = self.head(features)
+            # a head may define its own image-level score (VT-ADL's loss terms);
+            # otherwise (None) the image score aggregates the map
+            patch, scores = self.head.score(features)
             maps = gaussian_smooth(upsample_maps(patch, self.input_size), self.smoothing_sigma)
-            # A head may define its own image-level score (VT-ADL's loss terms);
-            # otherwise the image score aggregates the map.
-            image_scores = getattr(self.head, "image_scores", None)
-            scores = image_scores(features) if image_scores is not None else None
         return maps, scores if scores is not None else aggregate_maps(maps, self.image_score)
 
     def forward(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -227,6 +227,12 @@ class Head(nn.Module):
         """Per-patch anomaly score ``[B, h, w]`` at the finest feature grid."""
         raise NotImplementedError
 
+    def score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(forward(features), image scores [B] or None)`` in one pass; None lets the
+        model aggregate the map. A head with its own image score (VT-ADL) overrides this
+        so that map and score share one pass of its network."""
+        return self(features), None
+
     def config(self) -> dict[str, Any]:
         """Constructor arguments, JSON-able, to rebuild the head from a bundle."""
         raise NotImplementedError

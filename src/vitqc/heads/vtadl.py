@@ -318,7 +318,7 @@ class VTADLHead(Head):
             )
         values = {**COMMON_DEFAULTS, **VTADL_PRESETS[preset]}
         values.pop("image_size")
-        unknown = set(options) - set(values)
+        unknown = set(options) - set(self.option_names)
         if unknown:
             raise ValueError(f"unknown vtadl options {sorted(unknown)}")
         values.update({k: v for k, v in options.items() if v is not None})
@@ -444,14 +444,28 @@ class VTADLHead(Head):
         x = features[0]
         tokens = self.embeddings(x)
         if self.anomaly_map == "residual":
-            return (self.reconstruct_from_tokens(tokens) - x).abs().mean(1)
-        nll = self.patch_nll(tokens)
+            return residual_map(self.reconstruct_from_tokens(tokens), x)
+        return self.on_grid(self.patch_nll(tokens))
+
+    def on_grid(self, nll: torch.Tensor) -> torch.Tensor:
+        """Per-patch values ``[B, N]`` -> ``[B, gh, gw]``."""
         return nll.view(nll.shape[0], *self.grid)
 
     def image_loss(self, features: list[torch.Tensor]) -> torch.Tensor:
         """The training loss of each image, ``[B]`` (mean patch NLL + reconstruction terms)."""
         t = self.terms(features)
         return self.combine(t["nll"].mean(1), t["mse"], t["ssim"])
+
+    def score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Map and image score from one encoder (and decoder) pass."""
+        t = self.terms(features)
+        if self.anomaly_map == "residual":
+            patch_map = residual_map(t["recon"], features[0])
+        else:
+            patch_map = self.on_grid(t["nll"])
+        if self.image_score == "map_max":
+            return patch_map, None
+        return patch_map, self.combine(t["nll"].mean(1), t["mse"], t["ssim"])
 
     def image_scores(self, features: list[torch.Tensor]) -> torch.Tensor | None:
         """Image-level score ``[B]``, or None to let the model use the map maximum."""
@@ -480,6 +494,11 @@ class VTADLHead(Head):
 
     def extra_repr(self) -> str:
         return f"preset={self.preset!r}, grid={self.grid}, width={self.width}"
+
+
+def residual_map(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Reconstruction error ``|x - recon|`` averaged over channels, ``[B, H, W]``."""
+    return (recon - x).abs().mean(1)
 
 
 def count_parameters(module: nn.Module) -> int:
