@@ -21,6 +21,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # plain click messages: a usage error is a usage line and one "Error: ..." line
+    rich_markup_mode=None,
     help="Visual quality control: learn what good parts look like, flag and locate defects.",
 )
 
@@ -35,6 +37,24 @@ NormalClassOpt = Annotated[
     int | None, typer.Option("--normal-class", help="MNIST: the digit that is normal")
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed for the split and the head")]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from vitqc import __version__
+
+        typer.echo(f"vitqc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _app_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="print the version"),
+    ] = False,
+) -> None:
+    """Visual quality control: learn what good parts look like, flag and locate defects."""
 
 
 def _echo(text: str) -> None:
@@ -107,7 +127,10 @@ def fit(
     target_fpr: Annotated[
         float | None, typer.Option(help="fraction of good validation images flagged")
     ] = None,
-    no_minmax: Annotated[bool, typer.Option(help="skip the per-channel min-max scaling")] = False,
+    minmax: Annotated[
+        bool,
+        typer.Option("--minmax/--no-minmax", help="per-channel min-max scaling of the images"),
+    ] = True,
     cache_dir: Annotated[Path | None, typer.Option(help="feature cache folder")] = None,
     fmt: FormatOpt = "auto",
     category: CategoryOpt = None,
@@ -153,7 +176,7 @@ def fit(
         seed=seed,
         smoothing_sigma=smoothing,
         image_score=image_score,
-        minmax=not no_minmax,
+        minmax=minmax,
         target_fpr=target_fpr,
         cache_dir=cache_dir,
     )
@@ -327,21 +350,13 @@ _register_bench_commands()
 
 
 def main() -> None:
-    """Console entry point: one-line errors, no tracebacks, for user mistakes."""
-    import click
-
+    """Console entry point. Usage errors are click's own (usage line + message, exit 2);
+    vitqc's errors print one line and exit 2; neither shows a traceback."""
     try:
-        rc = app(standalone_mode=False)
+        app()  # standalone mode: click prints usage errors and exits with their code
     except VitqcError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except click.exceptions.Abort:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":
