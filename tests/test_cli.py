@@ -158,6 +158,7 @@ def test_bundle_round_trip_gives_identical_scores(synth_root, tmp_path, head, he
         cache_dir=tmp_path / "c",
         progress=False,
         image_score="top:0.05",
+        statistics="position",  # the per-position whitening's buffers must travel
     )
     options.head_options = head_options
     model, _ = fit(dataset, options)

@@ -71,6 +71,8 @@ def test_mixture_nll_matches_scipy():
         ("gmm", {"n_components": 6, "conditioning": "embedding"}),
         ("gmm", {"n_components": 6, "standardize": "position-whiten", "fuse": True}),
         ("flow", {"steps": 4, "standardize": "position-whiten", "fuse": True}),
+        ("gaussian", {}),
+        ("gaussian", {"fuse": True}),
         ("knn", {"coreset_ratio": 0.2}),
         ("knn", {"coreset_ratio": 0.2, "standardize": "position"}),
         ("knn", {"coreset_ratio": 0.2, "standardize": "position", "fuse": True}),
@@ -97,7 +99,7 @@ def test_head_ranks_defects_above_good(data, name, kwargs):
     assert 1 <= row <= 4 and 4 <= col <= 7
 
 
-@pytest.mark.parametrize("name", ["flow", "gmm", "knn"])
+@pytest.mark.parametrize("name", ["flow", "gaussian", "gmm", "knn"])
 def test_scores_do_not_depend_on_batch(data, name):
     head = create_head(name, CHANNELS, SIZES)
     head.prepare(data["train"])
@@ -300,7 +302,7 @@ def test_per_position_standardization_removes_positional_statistics():
         FeatureStandardizer([3], mode="position")
 
 
-@pytest.mark.parametrize("name", ["flow", "gmm", "knn"])
+@pytest.mark.parametrize("name", ["flow", "gaussian", "gmm", "knn"])
 def test_head_construction_does_not_depend_on_global_rng(name):
     torch.manual_seed(1)
     first = create_head(name, CHANNELS, SIZES, seed=3).state_dict()
@@ -373,3 +375,37 @@ def test_few_training_images_give_a_tempered_whitening():
         standardizer.fit(train)
         scale[shrink] = float(standardizer(new)[0].pow(2).mean())
     assert scale[True] < 3.0 < 20.0 < scale[False]
+
+
+def test_gaussian_head_is_half_the_mean_squared_mahalanobis_distance_per_layer():
+    """PaDiM's score through the shared whitening: per layer 0.5 * d^2 / C, averaged."""
+    train, new = _correlated_features(300, 3), _correlated_features(5, 4)
+    head = create_head("gaussian", [5, 3], [(6, 6), (3, 3)])
+    assert not head.trainable
+    head.prepare(train)
+    with torch.no_grad():
+        got = head(new)
+    per_layer = []
+    for layer, size in ((0, (6, 6)), (1, (3, 3))):
+        standardizer = FeatureStandardizer([(5, 3)[layer]], [size], "position-whiten")
+        standardizer.fit([train[layer]])
+        (z,) = standardizer([new[layer]])
+        per_layer.append(0.5 * z.pow(2).mean(1))
+    torch.testing.assert_close(got, fuse_maps(per_layer), rtol=1e-5, atol=1e-6)
+
+
+def test_per_layer_whitening_fits_a_56x56_stride4_grid_in_bounded_memory():
+    """EfficientNet-Lite0's three stages (24 x 56 x 56, 40 x 28 x 28, 112 x 14 x 14):
+    fused, the whitening would need 97 M values (refused); per layer its buffers (what
+    the model holds and carries) stay under 6 M values, 24 MB in float32."""
+    channels, sizes = [24, 40, 112], [(56, 56), (28, 28), (14, 14)]
+    with pytest.raises(VitqcError, match="position-whiten needs 97 M values"):
+        FeatureStandardizer(channels, sizes, "position-whiten", fuse=True)
+    head = create_head("gaussian", channels, sizes)
+    buffers = sum(b.numel() for b in head.buffers())
+    assert buffers < 6_000_000
+    g = torch.Generator().manual_seed(0)
+    train = [torch.randn(24, c, *s, generator=g) for c, s in zip(channels, sizes, strict=True)]
+    head.prepare(train)
+    with torch.no_grad():
+        assert head([f[:2] for f in train]).shape == (2, 56, 56)

@@ -90,7 +90,7 @@ def fit(
     head: Annotated[
         str,
         typer.Option(
-            help="flow, gmm, knn or vtadl; options as head:option=value joined by + "
+            help="flow, gmm, gaussian, knn or vtadl; options as head:option=value joined by + "
             "(e.g. vtadl:patch_size=32+reduction=sum)"
         ),
     ] = "flow",
@@ -104,7 +104,34 @@ def fit(
         int | None, typer.Option(help="input size in pixels (default: the backbone's)")
     ] = None,
     epochs: Annotated[int, typer.Option(help="maximum epochs")] = 500,
-    patience: Annotated[int, typer.Option(help="early-stopping patience (epochs)")] = 30,
+    patience: Annotated[
+        int | None,
+        typer.Option(
+            help="early-stopping patience in epochs (default 3 with --select proxy, 30 with loss)"
+        ),
+    ] = None,
+    select: Annotated[
+        str,
+        typer.Option(
+            help="how the epoch is chosen: proxy (localization on synthetic defects pasted "
+            "onto the good validation images) or loss (validation NLL)"
+        ),
+    ] = "proxy",
+    statistics: Annotated[
+        str,
+        typer.Option(
+            help="feature statistics: auto (rate per-position and position-free on synthetic "
+            "defects, keep the better), position, or free (parts that move between photos)"
+        ),
+    ] = "auto",
+    auto: Annotated[
+        bool,
+        typer.Option(
+            "--auto",
+            help="try a small set of models (heads gaussian/knn, layer sets, statistics, image "
+            "score), keep the best on synthetic defects; every candidate's figures are printed",
+        ),
+    ] = False,
     max_minutes: Annotated[
         float | None,
         typer.Option(help="training time budget: stop after the epoch that reaches it"),
@@ -169,6 +196,9 @@ def fit(
         head_options=head_options,
         epochs=epochs,
         patience=patience,
+        select=select,
+        statistics=statistics,
+        auto=auto,
         max_minutes=max_minutes,
         batch_size=batch_size,
         lr=lr,
@@ -194,9 +224,29 @@ def fit(
     )
     if report.train is not None:
         t = report.train
+        rating = (
+            ""
+            if t.best_rating is None
+            else f", proxy {t.best_rating:.4f} (start {t.initial_rating:.4f})"
+        )
         _echo(
-            f"best epoch {t.best_epoch} of {t.epochs_run} (stopped by {t.stopped}), "
-            f"validation loss {t.best_val_loss:.4g}"
+            f"best epoch {t.best_epoch} of {t.epochs_run} (stopped by {t.stopped}, chosen by "
+            f"{report.selection}), validation loss {t.best_val_loss:.4g}{rating}"
+        )
+    for row in report.candidates:
+        mark = "*" if row["candidate"] == report.chosen else " "
+        _echo(
+            f"{mark} proxy {row['proxy']:.4f} (image {row['image_auroc']:.3f}, pixel "
+            f"{row['pixel_auroc']:.3f}, AUPRO {row['aupro']:.3f})  {row['candidate']}"
+        )
+    if report.candidates:
+        _echo(f"chosen on synthetic defects: {report.chosen}")
+    if report.proxy is not None:
+        p = report.proxy
+        _echo(
+            f"synthetic-defect validation ({report.n_val} images): image AUROC "
+            f"{p['image_auroc']:.3f}, pixel AUROC {p['pixel_auroc']:.3f}, "
+            f"AUPRO {p['aupro']:.3f} (proxy {p['proxy']:.3f})"
         )
     _echo(f"model written to {out}")
 

@@ -7,6 +7,7 @@ validation split, and the test split is only ever scored to report.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,10 +22,18 @@ from vitqc.backbones import create_backbone
 from vitqc.backbones.cache import FeatureCache
 from vitqc.calibration import Calibration, fit_calibration
 from vitqc.data.io import load_image
+from vitqc.data.proxy import ProxySet, make_proxy_set, proxy_figures
 from vitqc.data.records import Dataset, Sample
 from vitqc.data.transforms import Preprocessor, resize_batch
 from vitqc.errors import VitqcError
-from vitqc.heads import check_backbone, create_head, default_backbone, head_defaults
+from vitqc.heads import (
+    check_backbone,
+    create_head,
+    default_backbone,
+    head_defaults,
+    position_free_options,
+    preview_options,
+)
 from vitqc.scoring import AnomalyModel
 from vitqc.training import TrainConfig, TrainResult, train_head
 
@@ -40,7 +49,8 @@ class FitOptions:
     head: str = "flow"
     head_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 500
-    patience: int = 30
+    #: None: ``PROXY_PATIENCE`` when epochs are chosen by the proxy, else ``LOSS_PATIENCE``
+    patience: int | None = None
     max_minutes: float | None = None
     batch_size: int | None = None
     lr: float | None = None
@@ -53,6 +63,23 @@ class FitOptions:
     target_fpr: float | None = None
     cache_dir: Path | None = None
     progress: bool = True
+    #: How a trainable head's epoch is chosen: "proxy" (localization on synthetic
+    #: defects pasted onto the good validation images) or "loss" (validation NLL).
+    select: str = "proxy"
+    #: Per-position or position-free feature statistics: "auto" rates both on the
+    #: synthetic-defect validation set and keeps the better; "position" / "free" force one.
+    statistics: str = "auto"
+    #: Try ``fit_candidates``' search space and keep the best by the proxy.
+    auto: bool = False
+
+
+SELECTIONS = ("proxy", "loss")
+STATISTICS = ("auto", "position", "free")
+#: Epochs without a better rating before training stops. Heads that start from the
+#: whitened Gaussian peak within a few epochs by the proxy; NLL keeps falling for
+#: hundreds of epochs, hence the longer patience there.
+PROXY_PATIENCE = 3
+LOSS_PATIENCE = 30
 
 
 @dataclass
@@ -64,6 +91,13 @@ class FitReport:
     train: TrainResult | None
     calibration: Calibration
     train_config: dict[str, Any]
+    #: the fitted model's figures on the synthetic-defect validation set (None: too few
+    #: validation images to build one)
+    proxy: dict[str, float] | None = None
+    selection: str = "loss"
+    #: every rated choice with its proxy figures (empty when there was nothing to choose)
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    chosen: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -73,6 +107,10 @@ class FitReport:
             "n_val": self.n_val,
             "train_config": self.train_config,
             "calibration": self.calibration.to_dict(),
+            "proxy": self.proxy,
+            "selection": self.selection,
+            "candidates": self.candidates,
+            "chosen": self.chosen,
         }
         if self.train is not None:
             # the loss curve travels too (at most ``epochs`` pairs): it shows convergence
@@ -96,21 +134,201 @@ def build_preprocessor(extractor, train: Sequence[Sample], minmax: bool) -> Prep
     return pre
 
 
+@dataclass
+class ProxyValidation:
+    """The synthetic-defect validation set with the backbone features of both halves."""
+
+    defects: ProxySet
+    good_features: list[torch.Tensor]
+    defect_features: list[torch.Tensor]
+
+    def figures(self, model: AnomalyModel) -> dict[str, float]:
+        good_scores, good_maps = score_features(model, self.good_features)
+        defect_scores, defect_maps = score_features(model, self.defect_features)
+        return proxy_figures(good_scores, good_maps, defect_scores, defect_maps, self.defects.masks)
+
+
+@dataclass
+class _Features:
+    """What one layer set of one backbone gives: extractor, preprocessor, features."""
+
+    extractor: Any
+    preprocessor: Preprocessor
+    train: list[torch.Tensor]
+    val: list[torch.Tensor]
+    proxy: ProxyValidation | None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One model ``fit`` may choose: a head with options, a layer set, an image score."""
+
+    head: str
+    head_options: tuple[tuple[str, Any], ...] = ()
+    layers: tuple[int, ...] | None = None
+    image_score: str = "max"
+
+    @property
+    def label(self) -> str:
+        opts = "+".join(f"{k}={json.dumps(v)}" for k, v in self.head_options)
+        layers = ",".join(map(str, self.layers)) if self.layers else "default"
+        return f"{self.head}{':' + opts if opts else ''} layers={layers} score={self.image_score}"
+
+
+#: ``vitqc fit --auto``: training-free heads (rated as they will be used), two layer
+#: sets of the stride-8/16 stages with and without the stride-4 one, per-position and
+#: position-free statistics (``statistics="auto"``), two image scores.
+AUTO_HEADS = ("gaussian", "knn")
+AUTO_LAYER_SETS: dict[str, tuple[tuple[int, ...] | None, ...]] = {
+    "tf_efficientnet_lite0": ((2, 3), (1, 2, 3)),
+    "tf_efficientnet_lite1": ((2, 3), (1, 2, 3)),
+}
+AUTO_IMAGE_SCORES = ("max", "top:0.01")
+
+
+def fit_candidates(options: FitOptions, backbone: str) -> list[Candidate]:
+    """The user's model, or with ``options.auto`` the small search space above."""
+    if not options.auto:
+        return [
+            Candidate(
+                options.head,
+                tuple(sorted(options.head_options.items())),
+                options.layers,
+                options.image_score,
+            )
+        ]
+    layer_sets = AUTO_LAYER_SETS.get(backbone, (options.layers,))
+    return [
+        Candidate(head, (), layers, score)
+        for head in AUTO_HEADS
+        for layers in layer_sets
+        for score in AUTO_IMAGE_SCORES
+    ]
+
+
 def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]:
+    """Fit the model ``options`` describe; where there is a choice (position-free or
+    per-position statistics, ``--auto``'s candidates) rate each choice on the
+    synthetic-defect validation set and keep the best."""
     if not dataset.train:
         raise VitqcError(f"empty training set in {dataset.name}/{dataset.category}")
+    if options.select not in SELECTIONS:
+        raise VitqcError(f"--select must be one of {', '.join(SELECTIONS)}, got {options.select!r}")
+    if options.statistics not in STATISTICS:
+        raise VitqcError(
+            f"--statistics must be one of {', '.join(STATISTICS)}, got {options.statistics!r}"
+        )
     backbone = options.backbone or default_backbone(options.head)
     image_size = options.image_size
     if image_size is None and backbone == "pixels" and dataset.native_size is not None:
         image_size = dataset.native_size  # e.g. 28 px digits stay 28 px
-    extractor = create_backbone(
-        backbone, layers=options.layers, weights=options.weights, image_size=image_size
-    )
-    check_backbone(options.head, extractor.name, extractor.family)
-    defaults = head_defaults(options.head, extractor.name, extractor.family)
+    cache = FeatureCache(options.cache_dir) if options.cache_dir else FeatureCache()
+    by_layers: dict[tuple[int, ...] | None, _Features] = {}
+    feature_seconds = 0.0
+
+    extractors: dict[tuple[int, ...] | None, Any] = {}
+
+    def extractor_for(layers: tuple[int, ...] | None) -> Any:
+        if layers not in extractors:
+            extractors[layers] = create_backbone(
+                backbone, layers=layers, weights=options.weights, image_size=image_size
+            )
+        return extractors[layers]
+
+    def features_for(layers: tuple[int, ...] | None) -> _Features:
+        nonlocal feature_seconds
+        if layers not in by_layers:
+            start = time.perf_counter()
+            extractor = extractor_for(layers)
+            pre = build_preprocessor(extractor, dataset.train, options.minmax)
+            train = cache.extract(extractor, pre, dataset.train, progress=options.progress)
+            val = cache.extract(extractor, pre, dataset.val, progress=options.progress)
+            proxy = None
+            if len(dataset.val) >= 2:
+                defects = make_proxy_set(dataset.val, extractor.input_size, seed=options.seed)
+                feats = cache.extract(extractor, pre, defects.samples, progress=options.progress)
+                proxy = ProxyValidation(defects, val, feats)
+            by_layers[layers] = _Features(extractor, pre, train, val, proxy)
+            feature_seconds += time.perf_counter() - start
+        return by_layers[layers]
+
+    def build(cand: Candidate, overrides: dict[str, Any], preview: bool) -> AnomalyModel:
+        feats = features_for(cand.layers)
+        ext = feats.extractor
+        defaults = head_defaults(cand.head, ext.name, ext.family)
+        kwargs = {**defaults["head"], **dict(cand.head_options), **overrides}
+        if preview:
+            kwargs.update(preview_options(cand.head, kwargs))
+        kwargs["seed"] = options.seed
+        sizes = [tuple(f.shape[-2:]) for f in feats.train]
+        torch.manual_seed(options.seed)  # before the head: its initial weights, then prepare()
+        head = create_head(cand.head, [f.shape[1] for f in feats.train], sizes, **kwargs)
+        head.prepare(feats.train)
+        return AnomalyModel(
+            feats.preprocessor,
+            ext,
+            head,
+            smoothing_sigma=options.smoothing_sigma,
+            image_score=cand.image_score,
+        )
+
+    start = time.perf_counter()
+    # every choice to rate: (candidate, head option overrides)
+    choices: list[tuple[Candidate, dict[str, Any]]] = []
+    candidates = fit_candidates(options, backbone)
+    for cand in candidates:  # a head that cannot run on the backbone: before any extraction
+        ext = extractor_for(cand.layers)
+        check_backbone(cand.head, ext.name, ext.family)
+    for cand in candidates:
+        ext = extractor_for(cand.layers)
+        merged = {
+            **head_defaults(cand.head, ext.name, ext.family)["head"],
+            **dict(cand.head_options),
+        }
+        free = position_free_options(cand.head, merged)
+        if options.statistics in ("auto", "position") or free is None:
+            choices.append((cand, {}))
+        if options.statistics in ("auto", "free") and free is not None:
+            choices.append((cand, free))
+    rated: list[dict[str, Any]] = []
+    best = 0
+    previews: dict[tuple, AnomalyModel] = {}
+
+    def preview_key(cand: Candidate, overrides: dict[str, Any]) -> tuple:
+        return (cand.head, cand.head_options, cand.layers, json.dumps(overrides, sort_keys=True))
+
+    if len(choices) > 1 and all(features_for(c.layers).proxy is not None for c, _ in choices):
+        for i, (cand, overrides) in enumerate(choices):
+            key = preview_key(cand, overrides)
+            if key not in previews:  # image scores share one prepared head
+                previews[key] = build(cand, overrides, preview=True)
+            model = previews[key]
+            model.image_score = cand.image_score
+            figures = by_layers[cand.layers].proxy.figures(model)
+            label = cand.label + (f" {json.dumps(overrides)}" if overrides else "")
+            rated.append({"candidate": label, **figures})
+            if figures["proxy"] > rated[best]["proxy"]:
+                best = i
+    cand, overrides = choices[best]
+    feats = features_for(cand.layers)
+    merged = {**dict(cand.head_options), **overrides}
+    key = preview_key(cand, overrides)
+    if key in previews and not preview_options(cand.head, merged):
+        model = previews[key]  # rated as it is: no need to prepare it again
+        model.image_score = cand.image_score
+    else:
+        model = build(cand, overrides, preview=False)
+    previews.clear()
+    head, ext = model.head, feats.extractor
+    defaults = head_defaults(cand.head, ext.name, ext.family)
+    proxy = feats.proxy
+    selection = "proxy" if options.select == "proxy" and proxy is not None else "loss"
+    patience = options.patience
+    if patience is None:
+        patience = PROXY_PATIENCE if selection == "proxy" else LOSS_PATIENCE
     train_cfg = TrainConfig(
         epochs=options.epochs,
-        patience=options.patience,
+        patience=patience,
         batch_size=options.batch_size or defaults.get("batch_size", 32),
         lr=options.lr or defaults.get("lr", 1e-3),
         weight_decay=options.weight_decay
@@ -120,30 +338,13 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         progress=options.progress,
         max_minutes=options.max_minutes,
     )
-    head_kwargs = {**defaults["head"], **options.head_options, "seed": options.seed}
-
-    start = time.perf_counter()
-    pre = build_preprocessor(extractor, dataset.train, options.minmax)
-    cache = FeatureCache(options.cache_dir) if options.cache_dir else FeatureCache()
-    train_feats = cache.extract(extractor, pre, dataset.train, progress=options.progress)
-    val_feats = cache.extract(extractor, pre, dataset.val, progress=options.progress)
-    feature_seconds = time.perf_counter() - start
-
-    start = time.perf_counter()
-    sizes = [tuple(f.shape[-2:]) for f in train_feats]
-    torch.manual_seed(options.seed)  # before the head: its initial weights, then prepare()
-    head = create_head(options.head, [f.shape[1] for f in train_feats], sizes, **head_kwargs)
-    head.prepare(train_feats)
-    result = train_head(head, train_feats, val_feats, train_cfg) if head.trainable else None
+    result = None
+    if head.trainable:
+        select = (lambda: proxy.figures(model)["proxy"]) if selection == "proxy" else None
+        result = train_head(head, feats.train, feats.val, train_cfg, select=select)
     head.eval()
-    model = AnomalyModel(
-        pre,
-        extractor,
-        head,
-        smoothing_sigma=options.smoothing_sigma,
-        image_score=options.image_score,
-    )
-    val_scores, val_maps = score_features(model, val_feats)
+    proxy_result = proxy.figures(model) if proxy is not None else None
+    val_scores, val_maps = score_features(model, feats.val)
     cal_kwargs = {} if options.target_fpr is None else {"target_fpr": options.target_fpr}
     calibration = fit_calibration(val_scores, val_maps, method=options.calibration, **cal_kwargs)
     model.set_calibration(calibration)
@@ -156,6 +357,10 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         result,
         calibration,
         asdict(train_cfg),
+        proxy_result,
+        selection if head.trainable else "none (training-free head)",
+        candidates=rated,
+        chosen=cand.label + (f" {json.dumps(overrides)}" if overrides else ""),
     )
     return model, report
 
@@ -258,7 +463,7 @@ def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
 def predict_images(model: AnomalyModel, inputs: Sequence[Path], out_dir: Path) -> list[dict]:
     """Score images of any size; write a heat-map overlay per image; return summary rows."""
     from vitqc.data.io import read_image
-    from vitqc.report.figures import heat_overlay, resize_to, save_png
+    from vitqc.report.figures import anomaly_overlay, resize_to, save_png
 
     if not np.isfinite(float(model.threshold)):
         raise VitqcError("this model has no calibrated threshold: refit it with `vitqc fit`")
@@ -269,13 +474,13 @@ def predict_images(model: AnomalyModel, inputs: Sequence[Path], out_dir: Path) -
         image = read_image(path)
         maps, scores = model(resize_batch([image], model.input_size))
         raw = resize_to(maps[0].numpy(), image.shape[:2])
-        norm, _ = _display_maps(model, raw)
+        norm, thr = _display_maps(model, raw)
         name = path.stem
         while name in used:
             name += "_"
         used.add(name)
         overlay = out_dir / "overlays" / f"{name}.png"
-        save_png(heat_overlay(image, norm), overlay)
+        save_png(anomaly_overlay(image, norm, thr), overlay)
         score = float(scores[0])
         rows.append(
             {

@@ -3,6 +3,11 @@
 Adam, shuffled mini-batches from a seeded generator, validation loss after every
 epoch, early stopping with patience, and the best weights restored from a *copy*
 (the papers' code kept live references, so "best" was overwritten by later epochs).
+
+With a ``select`` function (higher is better; vitqc passes the localization proxy on
+synthetic defects, ``vitqc.data.proxy``) the best epoch is the one it rates highest,
+the starting point (epoch 0) included, and patience counts epochs without a better
+rating: a lower NLL is not always a better detector.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +43,11 @@ class TrainResult:
     epochs_run: int
     seconds: float
     stopped: str = "epochs"  # "epochs", "patience" or "time"
-    history: list[tuple[float, float]] = field(default_factory=list)
+    #: (train loss, validation loss) per epoch, plus the selection rating when used
+    history: list[tuple[float, ...]] = field(default_factory=list)
+    #: rating of the kept weights by ``select`` (None: chosen by validation loss)
+    best_rating: float | None = None
+    initial_rating: float | None = None
 
 
 def _batches(features: list[torch.Tensor], batch_size: int, order: torch.Tensor | None = None):
@@ -64,8 +74,11 @@ def train_head(
     train_features: list[torch.Tensor],
     val_features: list[torch.Tensor],
     config: TrainConfig,
+    select: Callable[[], float] | None = None,
 ) -> TrainResult:
-    """Fit ``head`` by its own ``loss``; stop when validation loss stalls."""
+    """Fit ``head`` by its own ``loss``; keep the epoch with the lowest validation loss,
+    or the highest ``select()`` rating when given (called with the head in eval mode
+    after every epoch, and once before training); stop when it stalls."""
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -73,6 +86,11 @@ def train_head(
     best_state = copy.deepcopy(head.state_dict())
     best_loss, best_epoch, history = math.inf, 0, []
     start = time.perf_counter()
+    initial_rating = best_rating = None
+    if select is not None:
+        head.eval()
+        initial_rating = best_rating = float(select())
+        best_loss = evaluate_loss(head, val_features, config.batch_size)
     bar = tqdm(
         range(1, config.epochs + 1),
         desc=f"train {getattr(head, 'name', 'head')}",
@@ -96,8 +114,16 @@ def train_head(
             seen += batch[0].shape[0]
         train_loss = running / seen
         val_loss = evaluate_loss(head, val_features, config.batch_size)
-        history.append((train_loss, val_loss))
-        if val_loss < best_loss:
+        if select is None:
+            history.append((train_loss, val_loss))
+            improved = val_loss < best_loss
+        else:
+            rating = float(select())
+            history.append((train_loss, val_loss, rating))
+            improved = rating > best_rating
+            if improved:
+                best_rating = rating
+        if improved:
             best_loss, best_epoch = val_loss, epoch
             best_state = copy.deepcopy(head.state_dict())
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=best_epoch)
@@ -114,4 +140,6 @@ def train_head(
     head.load_state_dict(best_state)
     head.eval()
     seconds = time.perf_counter() - start
-    return TrainResult(best_epoch, best_loss, epoch, seconds, stopped, history)
+    return TrainResult(
+        best_epoch, best_loss, epoch, seconds, stopped, history, best_rating, initial_rating
+    )

@@ -180,12 +180,17 @@ def write_run_artifacts(
             }
             i = index.get(sample.key)
             if i is not None and maps is not None:
-                from vitqc.report.figures import heat_overlay
+                from vitqc.report.figures import anomaly_overlay, heat_overlay
 
                 raw = torch.from_numpy(np.asarray(maps[i], dtype=np.float32))
                 norm = model.normalize(raw).numpy() if model is not None else raw.numpy()
                 norm = _resize(norm.astype(np.float32), size, Image.BILINEAR)
-                _save(heat_overlay(thumb, norm), tmp / f"overlay_{gi}.png")
+                if model is not None and np.isfinite(float(model.threshold)):
+                    thr = float(model.normalize(model.threshold.clone()))
+                    overlay = anomaly_overlay(thumb, norm, thr)
+                else:
+                    overlay = heat_overlay(thumb, norm)
+                _save(overlay, tmp / f"overlay_{gi}.png")
                 entry["overlay"] = f"{rel}/overlay_{gi}.png"
                 entry["score"] = float(scores[i])
             entries.append(entry)

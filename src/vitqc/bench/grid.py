@@ -177,7 +177,7 @@ class GridSpec:
     categories: list[str] | None = None
     format: str = "auto"
     epochs: int = 500
-    patience: int = 30
+    patience: int | None = None  # None: fit's default for its epoch selection
     max_minutes: float | None = None  # training time budget per cell
     seed: int = 0
     val_fraction: float = 0.2

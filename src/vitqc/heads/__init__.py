@@ -10,12 +10,14 @@ from vitqc.backbones.registry import DEFAULT_BACKBONE
 from vitqc.errors import VitqcError
 from vitqc.heads.base import Head, fuse_maps
 from vitqc.heads.flow import FlowHead
+from vitqc.heads.gaussian import GaussianHead
 from vitqc.heads.gmm import GMMHead
 from vitqc.heads.knn import KNNHead
 from vitqc.heads.vtadl import VTADLHead
 
 HEADS: dict[str, type[Head]] = {
     "flow": FlowHead,
+    "gaussian": GaussianHead,
     "gmm": GMMHead,
     "knn": KNNHead,
     "vtadl": VTADLHead,
@@ -60,6 +62,10 @@ PAPER_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
         "weight_decay": 1e-5,
         "head": {"steps": 20, "hidden_ratio": 0.16},
     },
+    # training-free heads: nothing to set per backbone group
+    ("gaussian", "cnn"): {"head": {}},
+    ("gaussian", "swin"): {"head": {}},
+    ("gaussian", "transformer"): {"head": {}},
     ("knn", "cnn"): {"head": {}},
     ("knn", "swin"): {"head": {}},
     ("knn", "transformer"): {"head": {}},
@@ -136,6 +142,36 @@ def head_option_names(name: str) -> set[str]:
     }
 
 
+#: The position-free counterpart of each per-position standardization.
+POSITION_FREE = {"position-whiten": "whiten", "position": "channel"}
+
+
+def _option_default(name: str, option: str) -> Any:
+    param = inspect.signature(HEADS[name].__init__).parameters.get(option)
+    return None if param is None else param.default
+
+
+def position_free_options(name: str, options: dict[str, Any]) -> dict[str, Any] | None:
+    """Option overrides that make a head's statistics position-free, or None when they
+    already are (or the head has none). Per-position statistics model aligned parts
+    well and fail when parts move between photos; ``fit`` rates both on the proxy."""
+    mode = options.get("standardize", _option_default(name, "standardize"))
+    if name == "knn":  # position-free knn is the plain PatchCore embedding
+        return {"standardize": None, "fuse": False} if mode is not None else None
+    if mode in POSITION_FREE:
+        return {"standardize": POSITION_FREE[mode]}
+    return None
+
+
+def preview_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Cheaper settings to *rate* a choice with (the chosen one is refitted in full): the
+    knn head's coreset, which dominates its fit, at 1 %."""
+    if name == "knn":
+        ratio = options.get("coreset_ratio", _option_default(name, "coreset_ratio"))
+        return {"coreset_ratio": min(float(ratio), 0.01)}
+    return {}
+
+
 def parse_head(text: str) -> tuple[str, dict[str, Any]]:
     """``"gmm"`` or a variant ``"gmm:conditioning=embedding"`` (options joined by '+').
 
@@ -171,4 +207,6 @@ __all__ = [
     "fuse_maps",
     "head_defaults",
     "parse_head",
+    "position_free_options",
+    "preview_options",
 ]

@@ -1,0 +1,58 @@
+"""Fit time of every head against the PaDiM-style fit, on one dataset, one run.
+
+The localization issue asks that flow and GMM fit within 5x the time of a PaDiM-style fit
+on the same machine, cached features allowed for both. The PaDiM-style fit is vitqc's
+training-free ``gaussian`` head (PaDiM's per-position Gaussian through the same code).
+The features are extracted once first (the cache), then each head is fitted with
+``vitqc.pipeline.fit`` exactly as ``vitqc fit`` would (statistics choice, proxy epoch
+selection, calibration) and timed as a whole; the table gives the head time, the
+feature-read time and the ratio of the total to the gaussian head's total.
+
+Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fit_time.py DATA [--heads ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from vitqc.data.layouts import load_dataset
+from vitqc.pipeline import FitOptions, fit
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("data", type=Path)
+    parser.add_argument("--heads", default="gaussian,gmm,flow,knn")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--category", default=None)
+    args = parser.parse_args()
+    dataset = load_dataset(args.data, category=args.category, seed=0)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = args.cache_dir or Path(tmp) / "cache"
+        start = time.perf_counter()
+        fit(dataset, FitOptions(head="gaussian", cache_dir=cache, progress=False))
+        print(f"first fit (extracts and caches the features): {time.perf_counter() - start:.1f} s")
+        rows = []
+        for head in args.heads.split(","):
+            start = time.perf_counter()
+            _, report = fit(dataset, FitOptions(head=head, cache_dir=cache, progress=False))
+            total = time.perf_counter() - start
+            train = report.train
+            epochs = f"{train.best_epoch}/{train.epochs_run}" if train else "-"
+            rows.append((head, report.feature_seconds, report.head_seconds, total, epochs))
+    base = next((r[3] for r in rows if r[0] == "gaussian"), rows[0][3])
+    print(f"{args.data.name}: {len(dataset.train)} train / {len(dataset.val)} val images")
+    print(
+        "| head | features from cache (s) | head (s) | total (s) | best/run epochs | x gaussian |"
+    )
+    print("|---|---|---|---|---|---|")
+    for head, feat_s, head_s, total, epochs in rows:
+        ratio = total / base
+        print(f"| {head} | {feat_s:.1f} | {head_s:.1f} | {total:.1f} | {epochs} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

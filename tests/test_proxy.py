@@ -1,0 +1,175 @@
+"""The synthetic-defect validation set and selection of training epochs by it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import MAGNETIC_TILE, require
+
+from vitqc.data import proxy as proxy_module
+from vitqc.data.layouts import load_dataset
+from vitqc.data.proxy import PROXY_KINDS, make_proxy_set, proxy_figures
+from vitqc.data.synth import MIN_DELTA
+from vitqc.data.transforms import resize_batch
+from vitqc.heads import create_head
+from vitqc.training import TrainConfig, evaluate_loss, train_head
+
+
+@pytest.fixture(scope="module")
+def dataset(synth_root):
+    return load_dataset(synth_root, category="tile", seed=0)
+
+
+def _resized(samples, size):
+    batch = resize_batch([proxy_module.load_image(s) for s in samples], size)
+    return proxy_module._to_uint8(batch)
+
+
+@pytest.mark.parametrize("size", [(64, 64), (48, 80)])
+def test_masks_are_exactly_the_changed_pixels(dataset, size):
+    good = dataset.train[:12]
+    proxy = make_proxy_set(good, size, seed=3)
+    originals = _resized(good, size)
+    assert len(proxy.samples) == 12 and proxy.masks.shape == (12, *size)
+    assert set(proxy.kinds) <= set(PROXY_KINDS) and len(set(proxy.kinds)) >= 5
+    for sample, mask, original in zip(proxy.samples, proxy.masks, originals, strict=True):
+        image = sample.array
+        assert sample.label == 1 and image.shape == (*size, 3) and image.dtype == np.uint8
+        assert mask.any()
+        delta = np.abs(image.astype(np.int16) - original.astype(np.int16)).max(axis=2)
+        assert (delta[~mask] == 0).all(), sample.key  # nothing outside the mask changed
+        assert (delta[mask] >= MIN_DELTA).all(), sample.key  # every mask pixel did
+
+
+def test_proxy_set_is_deterministic_and_depends_on_the_seed(dataset):
+    a = make_proxy_set(dataset.val, (64, 64), seed=0)
+    b = make_proxy_set(dataset.val, (64, 64), seed=0)
+    c = make_proxy_set(dataset.val, (64, 64), seed=1)
+    assert all(np.array_equal(x.array, y.array) for x, y in zip(a.samples, b.samples, strict=True))
+    assert np.array_equal(a.masks, b.masks)
+    assert not np.array_equal(a.masks, c.masks)
+
+
+def test_fit_builds_the_proxy_from_validation_images_only(dataset, monkeypatch):
+    """Every image the proxy reads is a good validation image: never a test image."""
+    from vitqc.pipeline import FitOptions, fit
+
+    read: list[str] = []
+    real_load = proxy_module.load_image
+    monkeypatch.setattr(proxy_module, "load_image", lambda s: read.append(s.key) or real_load(s))
+    model, report = fit(dataset, FitOptions(head="gaussian", progress=False))
+    assert sorted(read) == sorted(s.key for s in dataset.val)
+    assert not {s.key for s in dataset.test} & set(read)
+    assert report.proxy is not None and 0.5 < report.proxy["proxy"] <= 1.0
+    assert set(report.proxy) == {"image_auroc", "pixel_auroc", "aupro", "proxy"}
+
+
+def test_proxy_figures_of_a_perfect_and_an_inverted_map():
+    masks = np.zeros((3, 8, 8), dtype=bool)
+    masks[:, 2:4, 2:4] = True
+    good_maps = np.zeros((3, 8, 8))
+    perfect = masks.astype(float)
+    figures = proxy_figures(np.zeros(3), good_maps, np.ones(3), perfect, masks)
+    assert figures == pytest.approx(
+        {"image_auroc": 1.0, "pixel_auroc": 1.0, "aupro": 1.0, "proxy": 1.0}
+    )
+    inverted = proxy_figures(np.ones(3), good_maps + 2, np.zeros(3), 1 - perfect, masks)
+    assert inverted["proxy"] < 0.1
+
+
+def _features(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, 4, 4, 4, generator=g)]
+
+
+def test_training_keeps_the_epoch_the_selection_rates_best():
+    train, val = _features(32, 0), _features(8, 1)
+    ratings = iter([0.5, 0.6, 0.9, 0.7, 0.8, 0.85, 0.1, 0.2])  # epoch 0 (start) .. 7
+    snapshots = {}
+    head = create_head("flow", [4], [(4, 4)], steps=2, standardize="channel")
+    head.prepare(train)
+
+    def select():
+        snapshots[len(snapshots)] = {k: v.clone() for k, v in head.state_dict().items()}
+        return next(ratings)
+
+    cfg = TrainConfig(epochs=50, patience=4, batch_size=8, lr=1e-2, progress=False)
+    result = train_head(head, train, val, cfg, select=select)
+    assert result.best_epoch == 2 and result.best_rating == 0.9
+    assert result.initial_rating == 0.5
+    assert result.epochs_run == 6 and result.stopped == "patience"  # 4 epochs without a gain
+    assert [h[2] for h in result.history] == [0.6, 0.9, 0.7, 0.8, 0.85, 0.1]
+    for key, value in head.state_dict().items():
+        torch.testing.assert_close(value, snapshots[2][key], msg=key)
+    assert evaluate_loss(head, val, 8) == pytest.approx(result.best_val_loss, rel=1e-5)
+
+
+def test_training_can_keep_the_starting_point():
+    train, val = _features(32, 0), _features(8, 1)
+    head = create_head("flow", [4], [(4, 4)], steps=2, standardize="channel")
+    head.prepare(train)
+    start = {k: v.clone() for k, v in head.state_dict().items()}
+    ratings = iter([1.0, 0.2, 0.3])
+    cfg = TrainConfig(epochs=50, patience=2, batch_size=8, lr=1e-2, progress=False)
+    result = train_head(head, train, val, cfg, select=lambda: next(ratings))
+    assert (result.best_epoch, result.epochs_run) == (0, 2)
+    for key, value in head.state_dict().items():
+        torch.testing.assert_close(value, start[key], msg=key)
+
+
+@pytest.mark.slow
+def test_proxy_on_real_images_keeps_masks_exact():
+    data = load_dataset(require(MAGNETIC_TILE), seed=0)
+    proxy = make_proxy_set(data.val[:12], (224, 224), seed=0)
+    originals = _resized(data.val[:12], (224, 224))
+    for sample, mask, original in zip(proxy.samples, proxy.masks, originals, strict=True):
+        delta = np.abs(sample.array.astype(np.int16) - original.astype(np.int16)).max(axis=2)
+        assert mask.any() and (delta[~mask] == 0).all() and (delta[mask] >= MIN_DELTA).all()
+
+
+def _fit(dataset, tmp_path, **kw):
+    from vitqc.pipeline import FitOptions, fit
+
+    return fit(dataset, FitOptions(progress=False, cache_dir=tmp_path / "cache", **kw))
+
+
+def test_statistics_auto_rates_both_and_keeps_the_better(dataset, tmp_path):
+    model, report = _fit(dataset, tmp_path, head="gaussian")
+    assert len(report.candidates) == 2
+    per_position, free = report.candidates
+    assert "whiten" in free["candidate"] and "whiten" not in per_position["candidate"]
+    best = max(report.candidates, key=lambda r: r["proxy"])
+    assert report.chosen == best["candidate"]
+    expected = "position-whiten" if best is per_position else "whiten"
+    assert model.head.standardize.mode == expected
+    # the kept model is the rated one: its proxy figures are the chosen candidate's
+    assert report.proxy["proxy"] == pytest.approx(best["proxy"], rel=1e-6)
+
+
+@pytest.mark.parametrize("statistics,mode", [("position", "position-whiten"), ("free", "whiten")])
+def test_statistics_can_be_forced(dataset, tmp_path, statistics, mode):
+    model, report = _fit(dataset, tmp_path, head="gaussian", statistics=statistics)
+    assert report.candidates == [] and model.head.standardize.mode == mode
+
+
+def test_knn_candidates_are_rated_on_a_small_coreset_and_refitted_in_full(dataset, tmp_path):
+    model, report = _fit(dataset, tmp_path, head="knn", statistics="auto")
+    labels = [r["candidate"] for r in report.candidates]
+    assert len(labels) == 2 and any('"standardize": null' in label for label in labels)
+    train_patches = len(dataset.train) * 28 * 28  # finest grid of lite0 layers 2,3 at 224 px
+    assert model.head.bank.shape[0] == round(0.1 * train_patches)  # full coreset, not 1 %
+
+
+def test_auto_tries_every_candidate_and_reports_their_figures(dataset, tmp_path):
+    from vitqc.pipeline import AUTO_HEADS, AUTO_IMAGE_SCORES
+
+    model, report = _fit(dataset, tmp_path, head="flow", auto=True)
+    n = len(AUTO_HEADS) * 2 * len(AUTO_IMAGE_SCORES) * 2  # layer sets, statistics
+    assert len(report.candidates) == n
+    for row in report.candidates:
+        assert set(row) == {"candidate", "image_auroc", "pixel_auroc", "aupro", "proxy"}
+    best = max(report.candidates, key=lambda r: r["proxy"])
+    assert report.chosen == best["candidate"]
+    assert model.head.name in AUTO_HEADS and model.head.name in report.chosen
+    assert f"score={model.image_score}" in report.chosen
