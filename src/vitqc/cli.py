@@ -218,7 +218,7 @@ def fit(
     }
     save_bundle(model, out, meta)
     _echo(
-        f"fitted {head} on {model.extractor.name} "
+        f"fitted {model.head.name} on {model.extractor.name} "
         f"({report.n_train} train / {report.n_val} val images) "
         f"in {time.perf_counter() - start:.1f} s; threshold {report.calibration.threshold:.4g}"
     )

@@ -206,6 +206,138 @@ def fit_candidates(options: FitOptions, backbone: str) -> list[Candidate]:
     ]
 
 
+class _ModelSearch:
+    """What one ``fit`` shares between the models it considers: the backbone per layer
+    set, one preprocessor, cached features and the synthetic-defect validation set."""
+
+    def __init__(self, dataset: Dataset, options: FitOptions) -> None:
+        self.dataset, self.options = dataset, options
+        self.backbone = options.backbone or default_backbone(options.head)
+        self.image_size = options.image_size
+        if self.image_size is None and self.backbone == "pixels" and dataset.native_size:
+            self.image_size = dataset.native_size  # e.g. 28 px digits stay 28 px
+        self.cache = FeatureCache(options.cache_dir) if options.cache_dir else FeatureCache()
+        self.feature_seconds = 0.0
+        self._extractors: dict[tuple[int, ...] | None, Any] = {}
+        self._features: dict[tuple[int, ...] | None, _Features] = {}
+        self._preprocessor: Preprocessor | None = None
+
+    def extractor(self, layers: tuple[int, ...] | None) -> Any:
+        if layers not in self._extractors:
+            self._extractors[layers] = create_backbone(
+                self.backbone,
+                layers=layers,
+                weights=self.options.weights,
+                image_size=self.image_size,
+            )
+        return self._extractors[layers]
+
+    def features(self, layers: tuple[int, ...] | None) -> _Features:
+        if layers in self._features:
+            return self._features[layers]
+        start = time.perf_counter()
+        data, options, extractor = self.dataset, self.options, self.extractor(layers)
+        if self._preprocessor is None:  # same backbone, input size and statistics
+            self._preprocessor = build_preprocessor(extractor, data.train, options.minmax)
+        pre = self._preprocessor
+
+        def extract(samples: Sequence[Sample]) -> list[torch.Tensor]:
+            return self.cache.extract(extractor, pre, samples, progress=options.progress)
+
+        train, val = extract(data.train), extract(data.val)
+        proxy = None
+        if len(data.val) >= 2:
+            defects = make_proxy_set(data.val, extractor.input_size, seed=options.seed)
+            proxy = ProxyValidation(defects, val, extract(defects.samples))
+        self._features[layers] = _Features(extractor, pre, train, val, proxy)
+        self.feature_seconds += time.perf_counter() - start
+        return self._features[layers]
+
+    def head_defaults(self, cand: Candidate) -> dict[str, Any]:
+        ext = self.extractor(cand.layers)
+        return head_defaults(cand.head, ext.name, ext.family)
+
+    def choices(self) -> list[tuple[Candidate, dict[str, Any]]]:
+        """Every (candidate, head option overrides) to consider; a head that cannot run
+        on the backbone is refused here, before any feature is extracted."""
+        candidates = fit_candidates(self.options, self.backbone)
+        for cand in candidates:
+            ext = self.extractor(cand.layers)
+            check_backbone(cand.head, ext.name, ext.family)
+        statistics, out = self.options.statistics, []
+        for cand in candidates:
+            merged = {**self.head_defaults(cand)["head"], **dict(cand.head_options)}
+            free = position_free_options(cand.head, merged)
+            if statistics in ("auto", "position") or free is None:
+                out.append((cand, {}))
+            if statistics in ("auto", "free") and free is not None:
+                out.append((cand, free))
+        return out
+
+    def build(self, cand: Candidate, overrides: dict[str, Any], preview: bool) -> AnomalyModel:
+        """The candidate's head, prepared on the training features (``preview``: with the
+        cheaper settings used only to rate it)."""
+        feats = self.features(cand.layers)
+        kwargs = {**self.head_defaults(cand)["head"], **dict(cand.head_options), **overrides}
+        if preview:
+            kwargs.update(preview_options(cand.head, kwargs))
+        kwargs["seed"] = self.options.seed
+        sizes = [tuple(f.shape[-2:]) for f in feats.train]
+        torch.manual_seed(self.options.seed)  # before the head: initial weights, prepare()
+        head = create_head(cand.head, [f.shape[1] for f in feats.train], sizes, **kwargs)
+        head.prepare(feats.train)
+        return AnomalyModel(
+            feats.preprocessor,
+            feats.extractor,
+            head,
+            smoothing_sigma=self.options.smoothing_sigma,
+            image_score=cand.image_score,
+        )
+
+    def choose(
+        self, choices: list[tuple[Candidate, dict[str, Any]]]
+    ) -> tuple[AnomalyModel, Candidate, dict[str, Any], list[dict[str, Any]]]:
+        """Rate every choice on the proxy (when there is a choice and a proxy set) and
+        return the best one's model, ready to train, with every rating."""
+        rated: list[dict[str, Any]] = []
+        best, previews = 0, {}
+        if len(choices) > 1 and all(self.features(c.layers).proxy for c, _ in choices):
+            bar = tqdm(
+                list(enumerate(choices)),
+                desc="rate on synthetic defects",
+                unit="model",
+                disable=not self.options.progress,
+                leave=False,
+            )
+            for i, (cand, overrides) in bar:
+                bar.set_postfix_str(_choice_label(cand, overrides), refresh=False)
+                key = _choice_key(cand, overrides)
+                if key not in previews:  # the image scores of a head share one preparation
+                    previews[key] = self.build(cand, overrides, preview=True)
+                model = previews[key]
+                model.image_score = cand.image_score
+                figures = self.features(cand.layers).proxy.figures(model)
+                rated.append({"candidate": _choice_label(cand, overrides), **figures})
+                if figures["proxy"] > rated[best]["proxy"]:
+                    best = i
+        cand, overrides = choices[best]
+        key = _choice_key(cand, overrides)
+        if key in previews and not preview_options(cand.head, {**dict(cand.head_options)}):
+            model = previews[key]  # rated as it will be used: no second preparation
+            model.image_score = cand.image_score
+        else:
+            model = self.build(cand, overrides, preview=False)
+        return model, cand, overrides, rated
+
+
+def _choice_key(cand: Candidate, overrides: dict[str, Any]) -> tuple:
+    return (cand.head, cand.head_options, cand.layers, json.dumps(overrides, sort_keys=True))
+
+
+def _choice_label(cand: Candidate, overrides: dict[str, Any]) -> str:
+    return cand.label + (f" {json.dumps(overrides)}" if overrides else "")
+
+
 def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]:
     """Fit the model ``options`` describe; where there is a choice (position-free or
     per-position statistics, ``--auto``'s candidates) rate each choice on the
@@ -218,109 +350,11 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         raise VitqcError(
             f"--statistics must be one of {', '.join(STATISTICS)}, got {options.statistics!r}"
         )
-    backbone = options.backbone or default_backbone(options.head)
-    image_size = options.image_size
-    if image_size is None and backbone == "pixels" and dataset.native_size is not None:
-        image_size = dataset.native_size  # e.g. 28 px digits stay 28 px
-    cache = FeatureCache(options.cache_dir) if options.cache_dir else FeatureCache()
-    by_layers: dict[tuple[int, ...] | None, _Features] = {}
-    feature_seconds = 0.0
-
-    extractors: dict[tuple[int, ...] | None, Any] = {}
-
-    def extractor_for(layers: tuple[int, ...] | None) -> Any:
-        if layers not in extractors:
-            extractors[layers] = create_backbone(
-                backbone, layers=layers, weights=options.weights, image_size=image_size
-            )
-        return extractors[layers]
-
-    def features_for(layers: tuple[int, ...] | None) -> _Features:
-        nonlocal feature_seconds
-        if layers not in by_layers:
-            start = time.perf_counter()
-            extractor = extractor_for(layers)
-            pre = build_preprocessor(extractor, dataset.train, options.minmax)
-            train = cache.extract(extractor, pre, dataset.train, progress=options.progress)
-            val = cache.extract(extractor, pre, dataset.val, progress=options.progress)
-            proxy = None
-            if len(dataset.val) >= 2:
-                defects = make_proxy_set(dataset.val, extractor.input_size, seed=options.seed)
-                feats = cache.extract(extractor, pre, defects.samples, progress=options.progress)
-                proxy = ProxyValidation(defects, val, feats)
-            by_layers[layers] = _Features(extractor, pre, train, val, proxy)
-            feature_seconds += time.perf_counter() - start
-        return by_layers[layers]
-
-    def build(cand: Candidate, overrides: dict[str, Any], preview: bool) -> AnomalyModel:
-        feats = features_for(cand.layers)
-        ext = feats.extractor
-        defaults = head_defaults(cand.head, ext.name, ext.family)
-        kwargs = {**defaults["head"], **dict(cand.head_options), **overrides}
-        if preview:
-            kwargs.update(preview_options(cand.head, kwargs))
-        kwargs["seed"] = options.seed
-        sizes = [tuple(f.shape[-2:]) for f in feats.train]
-        torch.manual_seed(options.seed)  # before the head: its initial weights, then prepare()
-        head = create_head(cand.head, [f.shape[1] for f in feats.train], sizes, **kwargs)
-        head.prepare(feats.train)
-        return AnomalyModel(
-            feats.preprocessor,
-            ext,
-            head,
-            smoothing_sigma=options.smoothing_sigma,
-            image_score=cand.image_score,
-        )
-
     start = time.perf_counter()
-    # every choice to rate: (candidate, head option overrides)
-    choices: list[tuple[Candidate, dict[str, Any]]] = []
-    candidates = fit_candidates(options, backbone)
-    for cand in candidates:  # a head that cannot run on the backbone: before any extraction
-        ext = extractor_for(cand.layers)
-        check_backbone(cand.head, ext.name, ext.family)
-    for cand in candidates:
-        ext = extractor_for(cand.layers)
-        merged = {
-            **head_defaults(cand.head, ext.name, ext.family)["head"],
-            **dict(cand.head_options),
-        }
-        free = position_free_options(cand.head, merged)
-        if options.statistics in ("auto", "position") or free is None:
-            choices.append((cand, {}))
-        if options.statistics in ("auto", "free") and free is not None:
-            choices.append((cand, free))
-    rated: list[dict[str, Any]] = []
-    best = 0
-    previews: dict[tuple, AnomalyModel] = {}
-
-    def preview_key(cand: Candidate, overrides: dict[str, Any]) -> tuple:
-        return (cand.head, cand.head_options, cand.layers, json.dumps(overrides, sort_keys=True))
-
-    if len(choices) > 1 and all(features_for(c.layers).proxy is not None for c, _ in choices):
-        for i, (cand, overrides) in enumerate(choices):
-            key = preview_key(cand, overrides)
-            if key not in previews:  # image scores share one prepared head
-                previews[key] = build(cand, overrides, preview=True)
-            model = previews[key]
-            model.image_score = cand.image_score
-            figures = by_layers[cand.layers].proxy.figures(model)
-            label = cand.label + (f" {json.dumps(overrides)}" if overrides else "")
-            rated.append({"candidate": label, **figures})
-            if figures["proxy"] > rated[best]["proxy"]:
-                best = i
-    cand, overrides = choices[best]
-    feats = features_for(cand.layers)
-    merged = {**dict(cand.head_options), **overrides}
-    key = preview_key(cand, overrides)
-    if key in previews and not preview_options(cand.head, merged):
-        model = previews[key]  # rated as it is: no need to prepare it again
-        model.image_score = cand.image_score
-    else:
-        model = build(cand, overrides, preview=False)
-    previews.clear()
-    head, ext = model.head, feats.extractor
-    defaults = head_defaults(cand.head, ext.name, ext.family)
+    search = _ModelSearch(dataset, options)
+    model, cand, overrides, rated = search.choose(search.choices())
+    feats, head = search.features(cand.layers), model.head
+    defaults = search.head_defaults(cand)
     proxy = feats.proxy
     selection = "proxy" if options.select == "proxy" and proxy is not None else "loss"
     patience = options.patience
@@ -348,10 +382,9 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
     cal_kwargs = {} if options.target_fpr is None else {"target_fpr": options.target_fpr}
     calibration = fit_calibration(val_scores, val_maps, method=options.calibration, **cal_kwargs)
     model.set_calibration(calibration)
-    head_seconds = time.perf_counter() - start
     report = FitReport(
-        feature_seconds,
-        head_seconds,
+        search.feature_seconds,
+        time.perf_counter() - start - search.feature_seconds,
         len(dataset.train),
         len(dataset.val),
         result,
@@ -360,7 +393,7 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         proxy_result,
         selection if head.trainable else "none (training-free head)",
         candidates=rated,
-        chosen=cand.label + (f" {json.dumps(overrides)}" if overrides else ""),
+        chosen=_choice_label(cand, overrides),
     )
     return model, report
 
