@@ -173,3 +173,36 @@ def test_auto_tries_every_candidate_and_reports_their_figures(dataset, tmp_path)
     assert report.chosen == best["candidate"]
     assert model.head.name in AUTO_HEADS and model.head.name in report.chosen
     assert f"score={model.image_score}" in report.chosen
+
+
+def test_f1_threshold_on_synthetic_defects_is_labelled_as_such(dataset, tmp_path):
+    from vitqc.metrics import f1_precision_recall
+    from vitqc.pipeline import score_features
+
+    model, report = _fit(dataset, tmp_path, head="gaussian", calibration="f1-synthetic")
+    cal = report.calibration
+    assert cal.method == "f1-synthetic" and cal.target_fpr is None
+    assert (cal.n_val_good, cal.n_val_defective) == (len(dataset.val), len(dataset.val))
+    # the stored threshold is the F1-best one on good validation images vs their copies
+    search_proxy = make_proxy_set(dataset.val, model.input_size, seed=0)
+    from vitqc.backbones.cache import FeatureCache
+
+    cache = FeatureCache(tmp_path / "cache")
+    good = cache.extract(model.extractor, model.preprocessor, dataset.val, progress=False)
+    bad = cache.extract(model.extractor, model.preprocessor, search_proxy.samples, progress=False)
+    scores = np.r_[score_features(model, good)[0], score_features(model, bad)[0]]
+    labels = np.r_[np.zeros(len(dataset.val)), np.ones(len(dataset.val))]
+    f1, _, _ = f1_precision_recall(labels, scores, cal.threshold)
+    assert f1 == pytest.approx(cal.val_f1)
+    for t in np.unique(scores):
+        assert f1_precision_recall(labels, scores, t)[0] <= f1 + 1e-12
+
+
+def test_f1_synthetic_needs_validation_images(dataset, tmp_path):
+    from dataclasses import replace
+
+    from vitqc.errors import VitqcError
+
+    tiny = replace(dataset, val=dataset.val[:1])
+    with pytest.raises(VitqcError, match="f1-synthetic needs at least 2 good validation"):
+        _fit(tiny, tmp_path, head="gaussian", calibration="f1-synthetic")

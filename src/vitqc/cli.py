@@ -67,6 +67,13 @@ def _load_dataset(data: Path, fmt: str, category: str | None, normal_class: int 
     return load_dataset(data, format=fmt, category=category, normal_class=normal_class, seed=seed)
 
 
+_RULES = {
+    "fpr": "target false-reject rate on good validation images",
+    "f1": "F1-best on labelled validation images",
+    "f1-synthetic": "F1-best against SYNTHETIC defects on the good validation images",
+}
+
+
 def _parse_layers(layers: str | None) -> tuple[int, ...] | None:
     if layers is None:
         return None
@@ -154,6 +161,13 @@ def fit(
     target_fpr: Annotated[
         float | None, typer.Option(help="fraction of good validation images flagged")
     ] = None,
+    threshold_rule: Annotated[
+        str,
+        typer.Option(
+            help="fpr (target false-reject rate on good validation images) or f1-synthetic "
+            "(F1-best against synthetic defects on the validation images)"
+        ),
+    ] = "fpr",
     minmax: Annotated[
         bool,
         typer.Option("--minmax/--no-minmax", help="per-channel min-max scaling of the images"),
@@ -208,6 +222,7 @@ def fit(
         image_score=image_score,
         minmax=minmax,
         target_fpr=target_fpr,
+        calibration=threshold_rule,
         cache_dir=cache_dir,
     )
     start = time.perf_counter()
@@ -221,6 +236,7 @@ def fit(
         f"fitted {model.head.name} on {model.extractor.name} "
         f"({report.n_train} train / {report.n_val} val images) "
         f"in {time.perf_counter() - start:.1f} s; threshold {report.calibration.threshold:.4g}"
+        f" ({_RULES[report.calibration.method]})"
     )
     if report.train is not None:
         t = report.train
@@ -293,8 +309,12 @@ def evaluate(
     result["data"] = str(data)
     result["category"] = dataset.category
     result["seconds"] = time.perf_counter() - start
+    rule = config.get("meta", {}).get("fit", {}).get("calibration", {}).get("method")
+    result["threshold_rule"] = rule
     write_metrics_json(out, result)
     _echo(format_metrics_table(result))
+    if rule in _RULES:
+        _echo(f"threshold rule: {rule} ({_RULES[rule]})")
     if maps is not None:
         write_evaluation_figures(model, dataset.test, score_maps, maps)
         _echo(f"figures written to {maps}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,9 @@ class FitOptions:
     smoothing_sigma: float = 4.0
     image_score: str = "max"
     minmax: bool = True
+    #: The decision rule: "fpr" (a target false-reject rate on the good validation
+    #: images) or "f1-synthetic" (the F1-best threshold on the good validation images
+    #: against their synthetic-defect copies; labelled as synthetic wherever shown).
     calibration: str = "fpr"
     target_fpr: float | None = None
     cache_dir: Path | None = None
@@ -74,6 +77,7 @@ class FitOptions:
 
 
 SELECTIONS = ("proxy", "loss")
+CALIBRATIONS = ("fpr", "f1-synthetic")
 STATISTICS = ("auto", "position", "free")
 #: Epochs without a better rating before training stops. Heads that start from the
 #: whitened Gaussian peak within a few epochs by the proxy; NLL keeps falling for
@@ -330,6 +334,23 @@ class _ModelSearch:
         return model, cand, overrides, rated
 
 
+def calibrate(model: AnomalyModel, feats: _Features, options: FitOptions) -> Calibration:
+    """The decision threshold and map normalization, from validation images only."""
+    val_scores, val_maps = score_features(model, feats.val)
+    if options.calibration == "f1-synthetic":
+        defect_scores, defect_maps = score_features(model, feats.proxy.defect_features)
+        labels = np.r_[np.zeros(len(val_scores)), np.ones(len(defect_scores))]
+        calibration = fit_calibration(
+            np.r_[val_scores, defect_scores],
+            list(val_maps) + list(defect_maps),
+            method="f1",
+            labels=labels,
+        )
+        return replace(calibration, method="f1-synthetic")
+    kwargs = {} if options.target_fpr is None else {"target_fpr": options.target_fpr}
+    return fit_calibration(val_scores, val_maps, method="fpr", **kwargs)
+
+
 def _choice_key(cand: Candidate, overrides: dict[str, Any]) -> tuple:
     return (cand.head, cand.head_options, cand.layers, json.dumps(overrides, sort_keys=True))
 
@@ -346,6 +367,16 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         raise VitqcError(f"empty training set in {dataset.name}/{dataset.category}")
     if options.select not in SELECTIONS:
         raise VitqcError(f"--select must be one of {', '.join(SELECTIONS)}, got {options.select!r}")
+    if options.calibration not in CALIBRATIONS:
+        raise VitqcError(
+            f"--threshold-rule must be one of {', '.join(CALIBRATIONS)}, "
+            f"got {options.calibration!r}"
+        )
+    if options.calibration == "f1-synthetic" and len(dataset.val) < 2:
+        raise VitqcError(
+            "--threshold-rule f1-synthetic needs at least 2 good validation images to paste "
+            f"synthetic defects onto, got {len(dataset.val)}"
+        )
     if options.statistics not in STATISTICS:
         raise VitqcError(
             f"--statistics must be one of {', '.join(STATISTICS)}, got {options.statistics!r}"
@@ -378,9 +409,7 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         result = train_head(head, feats.train, feats.val, train_cfg, select=select)
     head.eval()
     proxy_result = proxy.figures(model) if proxy is not None else None
-    val_scores, val_maps = score_features(model, feats.val)
-    cal_kwargs = {} if options.target_fpr is None else {"target_fpr": options.target_fpr}
-    calibration = fit_calibration(val_scores, val_maps, method=options.calibration, **cal_kwargs)
+    calibration = calibrate(model, feats, options)
     model.set_calibration(calibration)
     report = FitReport(
         search.feature_seconds,
