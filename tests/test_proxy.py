@@ -206,3 +206,13 @@ def test_f1_synthetic_needs_validation_images(dataset, tmp_path):
     tiny = replace(dataset, val=dataset.val[:1])
     with pytest.raises(VitqcError, match="f1-synthetic needs at least 2 good validation"):
         _fit(tiny, tmp_path, head="gaussian", calibration="f1-synthetic")
+
+
+def test_flow_and_gmm_statistics_are_rated_on_the_gaussian_they_start_from(dataset, tmp_path):
+    # the GMM's EfficientNet-Lite default whitens the fused map (heads' registry data)
+    _, gaussian = _fit(dataset, tmp_path, head="gaussian", head_options={"fuse": True})
+    _, gmm = _fit(dataset, tmp_path, head="gmm", epochs=1, head_options={"n_components": 4})
+    assert [r["proxy"] for r in gmm.candidates] == [r["proxy"] for r in gaussian.candidates]
+    assert gmm.chosen.startswith("gmm")
+    # the kept GMM's figures are those of its best-rated epoch, not recomputed
+    assert gmm.proxy["proxy"] == gmm.train.best_rating

@@ -32,7 +32,7 @@ from vitqc.heads import (
     default_backbone,
     head_defaults,
     position_free_options,
-    preview_options,
+    preview_head,
 )
 from vitqc.scoring import AnomalyModel
 from vitqc.training import TrainConfig, TrainResult, train_head
@@ -279,16 +279,17 @@ class _ModelSearch:
         return out
 
     def build(self, cand: Candidate, overrides: dict[str, Any], preview: bool) -> AnomalyModel:
-        """The candidate's head, prepared on the training features (``preview``: with the
-        cheaper settings used only to rate it)."""
+        """The candidate's head, prepared on the training features (``preview``: the
+        cheaper stand-in ``heads.preview_head`` used only to rate it)."""
         feats = self.features(cand.layers)
+        name = cand.head
         kwargs = {**self.head_defaults(cand)["head"], **dict(cand.head_options), **overrides}
         if preview:
-            kwargs.update(preview_options(cand.head, kwargs))
+            name, kwargs = preview_head(name, kwargs)
         kwargs["seed"] = self.options.seed
         sizes = [tuple(f.shape[-2:]) for f in feats.train]
         torch.manual_seed(self.options.seed)  # before the head: initial weights, prepare()
-        head = create_head(cand.head, [f.shape[1] for f in feats.train], sizes, **kwargs)
+        head = create_head(name, [f.shape[1] for f in feats.train], sizes, **kwargs)
         head.prepare(feats.train)
         return AnomalyModel(
             feats.preprocessor,
@@ -326,7 +327,8 @@ class _ModelSearch:
                     best = i
         cand, overrides = choices[best]
         key = _choice_key(cand, overrides)
-        if key in previews and not preview_options(cand.head, {**dict(cand.head_options)}):
+        merged = {**self.head_defaults(cand)["head"], **dict(cand.head_options), **overrides}
+        if key in previews and preview_head(cand.head, merged) == (cand.head, merged):
             model = previews[key]  # rated as it will be used: no second preparation
             model.image_score = cand.image_score
         else:
@@ -403,12 +405,20 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         progress=options.progress,
         max_minutes=options.max_minutes,
     )
-    result = None
+    result, rated_epochs = None, []  # proxy figures of epoch 0, 1, ... when rated
+
+    def select() -> float:
+        rated_epochs.append(proxy.figures(model))
+        return rated_epochs[-1]["proxy"]
+
     if head.trainable:
-        select = (lambda: proxy.figures(model)["proxy"]) if selection == "proxy" else None
-        result = train_head(head, feats.train, feats.val, train_cfg, select=select)
+        use = select if selection == "proxy" else None
+        result = train_head(head, feats.train, feats.val, train_cfg, select=use)
     head.eval()
-    proxy_result = proxy.figures(model) if proxy is not None else None
+    if rated_epochs:  # the best epoch's weights are back: its figures are the model's
+        proxy_result = rated_epochs[result.best_epoch]
+    else:
+        proxy_result = proxy.figures(model) if proxy is not None else None
     calibration = calibrate(model, feats, options)
     model.set_calibration(calibration)
     report = FitReport(

@@ -163,13 +163,18 @@ def position_free_options(name: str, options: dict[str, Any]) -> dict[str, Any] 
     return None
 
 
-def preview_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Cheaper settings to *rate* a choice with (the chosen one is refitted in full): the
-    knn head's coreset, which dominates its fit, at 1 %."""
+def preview_head(name: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The cheaper head and options a choice is *rated* with (the chosen one is then
+    built in full). The flow and the GMM start from the whitened Gaussian, so their
+    statistics are rated on that Gaussian (the GMM's EM start alone costs seconds);
+    the knn head on a 1 % coreset, which dominates its fit. Other heads: themselves."""
+    if name in ("flow", "gmm"):
+        keep = {k: options[k] for k in ("standardize", "fuse") if k in options}
+        return "gaussian", {"standardize": _option_default(name, "standardize"), **keep}
     if name == "knn":
         ratio = options.get("coreset_ratio", _option_default(name, "coreset_ratio"))
-        return {"coreset_ratio": min(float(ratio), 0.01)}
-    return {}
+        return name, {**options, "coreset_ratio": min(float(ratio), 0.01)}
+    return name, dict(options)
 
 
 def parse_head(text: str) -> tuple[str, dict[str, Any]]:
@@ -208,5 +213,5 @@ __all__ = [
     "head_defaults",
     "parse_head",
     "position_free_options",
-    "preview_options",
+    "preview_head",
 ]
