@@ -165,7 +165,8 @@ def test_auto_tries_every_candidate_and_reports_their_figures(dataset, tmp_path)
     from vitqc.pipeline import AUTO_HEADS, AUTO_IMAGE_SCORES
 
     model, report = _fit(dataset, tmp_path, head="flow", auto=True)
-    n = len(AUTO_HEADS) * 2 * len(AUTO_IMAGE_SCORES) * 2  # layer sets, statistics
+    # gaussian on two layer sets, knn on one; each with both statistics and image scores
+    n = (2 + 1) * len(AUTO_IMAGE_SCORES) * 2
     assert len(report.candidates) == n
     for row in report.candidates:
         assert set(row) == {"candidate", "image_auroc", "pixel_auroc", "aupro", "proxy"}
