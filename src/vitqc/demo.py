@@ -29,7 +29,7 @@ def run_demo(
         generate_synthetic(data_root, seed=0)
     dataset = load_dataset(data_root, category="tile")
     cache = FeatureCache(out / "cache")
-    options = FitOptions(head=head, epochs=epochs, patience=10, cache_dir=out / "cache")
+    options = FitOptions(head=head, epochs=epochs, cache_dir=out / "cache")
     echo(f"fitting {head} on tf_efficientnet_lite0 (packaged ImageNet weights, offline) ...")
     model, report = fit(dataset, options)
     save_bundle(model, out / "model", {"fit": report.to_dict()})
