@@ -226,6 +226,7 @@ class _ModelSearch:
         self._extractors: dict[tuple[int, ...] | None, Any] = {}
         self._features: dict[tuple[int, ...] | None, _Features] = {}
         self._preprocessor: Preprocessor | None = None
+        self._defects: ProxySet | None = None
 
     def extractor(self, layers: tuple[int, ...] | None) -> Any:
         if layers not in self._extractors:
@@ -252,8 +253,9 @@ class _ModelSearch:
         train, val = extract(data.train), extract(data.val)
         proxy = None
         if len(data.val) >= 2:
-            defects = make_proxy_set(data.val, extractor.input_size, seed=options.seed)
-            proxy = ProxyValidation(defects, val, extract(defects.samples))
+            if self._defects is None:  # the same images for every layer set
+                self._defects = make_proxy_set(data.val, extractor.input_size, options.seed)
+            proxy = ProxyValidation(self._defects, val, extract(self._defects.samples))
         self._features[layers] = _Features(extractor, pre, train, val, proxy)
         self.feature_seconds += time.perf_counter() - start
         return self._features[layers]
