@@ -9,7 +9,8 @@ sees). Kinds, in turn:
 - the painters of ``vitqc synth`` (scratch, hole, stain, crack), drawn into a square
   window of the image;
 - ``cutpaste``: a patch of *another* good validation image pasted at a new place (an
-  anomaly made of normal material, the hardest kind for a local density);
+  anomaly made of normal material, the hardest kind for a local density); its mask is
+  the whole patch, pixels that happen to match pushed by ``MIN_DELTA`` as the painters do;
 - ``noise``: an elliptic blob of smoothed noise over the image.
 
 Everything is seeded per image (``numpy.random.default_rng([seed, 17, i])``); the test
@@ -67,6 +68,17 @@ def _painted(
     return out, mask
 
 
+def _push_weak(out: np.ndarray, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Masked pixels that changed by less than ``MIN_DELTA`` are pushed that far from the
+    original (as ``vitqc synth``'s painters do), so the mask is exactly the changed
+    pixels and stays one solid region."""
+    new, old = out.astype(np.int16), image.astype(np.int16)
+    weak = mask & (np.abs(new - old).max(axis=2) < MIN_DELTA)
+    darker = old[weak].mean(axis=1, keepdims=True) >= 128
+    new[weak] = np.where(darker, old[weak] - MIN_DELTA, old[weak] + MIN_DELTA)
+    return np.where(mask[:, :, None], new.clip(0, 255), old).astype(np.uint8)
+
+
 def _cutpaste(
     image: np.ndarray, donor: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -80,11 +92,9 @@ def _cutpaste(
         patch = patch[::-1, ::-1]  # rotated half a turn: normal material, wrong place
     out = image.copy()
     out[ty : ty + ph, tx : tx + pw] = patch
-    changed = np.abs(out.astype(np.int16) - image.astype(np.int16)).max(axis=2) >= MIN_DELTA
     mask = np.zeros((h, w), dtype=bool)
-    mask[ty : ty + ph, tx : tx + pw] = changed[ty : ty + ph, tx : tx + pw]
-    out = np.where(mask[:, :, None], out, image)  # unchanged-looking pixels stay normal
-    return out, mask
+    mask[ty : ty + ph, tx : tx + pw] = True
+    return _push_weak(out, image, mask), mask
 
 
 def _noise(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -99,15 +109,8 @@ def _noise(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.
     mask = u**2 + v**2 <= 1.0
     noise = ndimage.gaussian_filter(rng.standard_normal((h, w)), 1.5)
     noise = noise / (noise.std() + 1e-8) * rng.uniform(40, 70)
-    out = image.astype(np.int16) + noise.astype(np.int16)[:, :, None]
-    # every masked pixel moves by at least MIN_DELTA (as the synth painters guarantee)
-    old = image.astype(np.int16)
-    weak = mask & (np.abs(out - old).max(axis=2) < MIN_DELTA)
-    out[weak] = np.where(
-        old[weak].mean(1, keepdims=True) >= 128, old[weak] - MIN_DELTA, old[weak] + MIN_DELTA
-    )
-    out = np.where(mask[:, :, None], out.clip(0, 255), old).astype(np.uint8)
-    return out, mask
+    out = (image.astype(np.int16) + noise.astype(np.int16)[:, :, None]).clip(0, 255)
+    return _push_weak(out, image, mask), mask
 
 
 def make_proxy_set(good: Sequence[Sample], size: tuple[int, int], seed: int = 0) -> ProxySet:
@@ -132,7 +135,7 @@ def make_proxy_set(good: Sequence[Sample], size: tuple[int, int], seed: int = 0)
                 out, mask = _painted(image, kind, rng)
             if mask.any():
                 break
-            kind = "noise"  # a cut-paste of lookalike material changed nothing: draw again
+            kind = "noise"  # a painter's window missed the image: draw a noise blob
         samples.append(
             Sample(key=f"proxy/{kind}/{good[i].key}", label=1, defect_type=kind, array=out)
         )
