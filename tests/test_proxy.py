@@ -217,3 +217,18 @@ def test_flow_and_gmm_statistics_are_rated_on_the_gaussian_they_start_from(datas
     assert gmm.chosen.startswith("gmm")
     # the kept GMM's figures are those of its best-rated epoch, not recomputed
     assert gmm.proxy["proxy"] == gmm.train.best_rating
+
+
+def test_image_scores_of_one_model_share_its_maps_and_match_one_by_one(dataset, tmp_path):
+    from vitqc.pipeline import FitOptions, _ModelSearch
+
+    search = _ModelSearch(dataset, FitOptions(progress=False, cache_dir=tmp_path / "cache"))
+    (cand, overrides), *_ = search.choices()
+    model = search.build(cand, overrides, preview=False)
+    proxy = search.features(cand.layers).proxy
+    names = ["max", "top:0.05", "mean"]
+    together = proxy.figures_by_image_score(model, names)
+    for name in names:
+        model.image_score = name
+        assert together[name] == pytest.approx(proxy.figures(model), rel=1e-6)
+    assert together["max"]["image_auroc"] != together["mean"]["image_auroc"]

@@ -34,7 +34,8 @@ from vitqc.heads import (
     position_free_options,
     preview_head,
 )
-from vitqc.scoring import AnomalyModel
+from vitqc.heads.base import Head
+from vitqc.scoring import AnomalyModel, aggregate_maps
 from vitqc.training import TrainConfig, TrainResult, train_head
 
 
@@ -147,9 +148,24 @@ class ProxyValidation:
     defect_features: list[torch.Tensor]
 
     def figures(self, model: AnomalyModel) -> dict[str, float]:
+        return self.figures_by_image_score(model, [model.image_score])[model.image_score]
+
+    def figures_by_image_score(
+        self, model: AnomalyModel, image_scores: Sequence[str]
+    ) -> dict[str, dict[str, float]]:
+        """The figures of one model under several image scores: its maps (the costly
+        part) are computed once, each image score aggregates them as the model would."""
         good_scores, good_maps = score_features(model, self.good_features)
         defect_scores, defect_maps = score_features(model, self.defect_features)
-        return proxy_figures(good_scores, good_maps, defect_scores, defect_maps, self.defects.masks)
+        own_score = type(model.head).score is not Head.score  # VT-ADL: map-independent
+        out = {}
+        for name in image_scores:
+            good, defect = good_scores, defect_scores
+            if name != model.image_score and not own_score:
+                good = aggregate_maps(torch.from_numpy(good_maps), name).numpy()
+                defect = aggregate_maps(torch.from_numpy(defect_maps), name).numpy()
+            out[name] = proxy_figures(good, good_maps, defect, defect_maps, self.defects.masks)
+        return out
 
 
 @dataclass
@@ -310,23 +326,29 @@ class _ModelSearch:
         rated: list[dict[str, Any]] = []
         best, previews = 0, {}
         if len(choices) > 1 and all(self.features(c.layers).proxy for c, _ in choices):
+            groups: dict[tuple, list[int]] = {}  # choices that differ in image score only
+            for i, (cand, overrides) in enumerate(choices):
+                groups.setdefault(_choice_key(cand, overrides), []).append(i)
+            figures: dict[int, dict[str, float]] = {}
             bar = tqdm(
-                list(enumerate(choices)),
+                groups.items(),
                 desc="rate on synthetic defects",
                 unit="model",
                 disable=not self.options.progress,
                 leave=False,
             )
-            for i, (cand, overrides) in bar:
+            for key, members in bar:
+                cand, overrides = choices[members[0]]
                 bar.set_postfix_str(_choice_label(cand, overrides), refresh=False)
-                key = _choice_key(cand, overrides)
-                if key not in previews:  # the image scores of a head share one preparation
-                    previews[key] = self.build(cand, overrides, preview=True)
-                model = previews[key]
-                model.image_score = cand.image_score
-                figures = self.features(cand.layers).proxy.figures(model)
-                rated.append({"candidate": _choice_label(cand, overrides), **figures})
-                if figures["proxy"] > rated[best]["proxy"]:
+                previews[key] = self.build(cand, overrides, preview=True)
+                scores = [choices[i][0].image_score for i in members]
+                by_score = self.features(cand.layers).proxy.figures_by_image_score(
+                    previews[key], scores
+                )
+                figures.update({i: by_score[choices[i][0].image_score] for i in members})
+            for i, (cand, overrides) in enumerate(choices):
+                rated.append({"candidate": _choice_label(cand, overrides), **figures[i]})
+                if figures[i]["proxy"] > rated[best]["proxy"]:
                     best = i
         cand, overrides = choices[best]
         key = _choice_key(cand, overrides)
