@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from vitqc.data.io import load_image
 from vitqc.data.records import Sample
-from vitqc.data.synth import MIN_DELTA, add_defect
+from vitqc.data.synth import add_defect, push_weak_pixels
 from vitqc.data.transforms import resize_batch
 from vitqc.errors import VitqcError
 
@@ -68,17 +68,6 @@ def _painted(
     return out, mask
 
 
-def _push_weak(out: np.ndarray, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Masked pixels that changed by less than ``MIN_DELTA`` are pushed that far from the
-    original (as ``vitqc synth``'s painters do), so the mask is exactly the changed
-    pixels and stays one solid region."""
-    new, old = out.astype(np.int16), image.astype(np.int16)
-    weak = mask & (np.abs(new - old).max(axis=2) < MIN_DELTA)
-    darker = old[weak].mean(axis=1, keepdims=True) >= 128
-    new[weak] = np.where(darker, old[weak] - MIN_DELTA, old[weak] + MIN_DELTA)
-    return np.where(mask[:, :, None], new.clip(0, 255), old).astype(np.uint8)
-
-
 def _cutpaste(
     image: np.ndarray, donor: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -94,7 +83,7 @@ def _cutpaste(
     out[ty : ty + ph, tx : tx + pw] = patch
     mask = np.zeros((h, w), dtype=bool)
     mask[ty : ty + ph, tx : tx + pw] = True
-    return _push_weak(out, image, mask), mask
+    return push_weak_pixels(out, image, mask), mask
 
 
 def _noise(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -110,7 +99,7 @@ def _noise(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.
     noise = ndimage.gaussian_filter(rng.standard_normal((h, w)), 1.5)
     noise = noise / (noise.std() + 1e-8) * rng.uniform(40, 70)
     out = (image.astype(np.int16) + noise.astype(np.int16)[:, :, None]).clip(0, 255)
-    return _push_weak(out, image, mask), mask
+    return push_weak_pixels(out, image, mask), mask
 
 
 def make_proxy_set(good: Sequence[Sample], size: tuple[int, int], seed: int = 0) -> ProxySet:

@@ -234,14 +234,20 @@ def add_defect(
         raise VitqcError(f"unknown synthetic defect {kind!r}: choose {', '.join(DEFECT_TYPES)}")
     base = image.astype(np.float64)
     painted, mask = _PAINTERS[kind](base, rng)
-    new = np.clip(np.round(painted), 0, 255).astype(np.int16)
+    return push_weak_pixels(np.round(painted), image, mask), mask
+
+
+def push_weak_pixels(painted: np.ndarray, image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``painted`` inside ``mask``, ``image`` outside, as uint8; a masked pixel that
+    changed by less than ``MIN_DELTA`` grey levels is pushed that far from the original,
+    so the mask is exactly the set of changed pixels."""
+    new = np.clip(painted, 0, 255).astype(np.int16)
     old = image.astype(np.int16)
     weak = mask & (np.abs(new - old).max(axis=2) < MIN_DELTA)
     if weak.any():
         darker = old[weak].mean(axis=1, keepdims=True) >= 128
         new[weak] = np.where(darker, old[weak] - MIN_DELTA, old[weak] + MIN_DELTA)
-    out = np.where(mask[:, :, None], np.clip(new, 0, 255), old).astype(np.uint8)
-    return out, mask
+    return np.where(mask[:, :, None], np.clip(new, 0, 255), old).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- writing
