@@ -7,11 +7,13 @@ import warnings
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from vitqc.calibration import (
     DEFAULT_TARGET_FPR,
     Calibration,
     fit_calibration,
+    lowest_supported_fpr,
     paper_batch_minmax,
 )
 from vitqc.data.records import Sample
@@ -45,21 +47,31 @@ def test_fpr_threshold_at_one_percent_with_199_images():
     assert cal.expected_fpr == pytest.approx(0.01)
 
 
-def test_few_validation_images_use_the_maximum_and_warn():
+def test_an_explicit_target_beyond_the_data_is_refused_with_the_lowest_supported():
     scores = np.array([0.3, 0.1, 0.7, 0.2, 0.5, 0.4, 0.6, 0.15, 0.25, 0.35])
-    with pytest.warns(UserWarning, match="highest validation score"):
-        cal = fit_calibration(scores, target_fpr=0.01)
-    assert cal.threshold == 0.7  # no good validation image flagged (strict >)
+    # 10 scores support 1/11 = 9.09 % at best; 1 % needs 99.
+    assert lowest_supported_fpr(10) == pytest.approx(1 / 11)
+    with pytest.raises(VitqcError, match=r"needs at least 99 .*lowest target .* 9\.09%"):
+        fit_calibration(scores, target_fpr=0.01)
+    cal = fit_calibration(scores, target_fpr=0.0910)  # the offered target works
+    assert cal.threshold == 0.7 and cal.expected_fpr == pytest.approx(1 / 11)
+
+
+def test_the_default_target_is_raised_to_the_lowest_supported_and_says_so():
+    scores = np.array([0.3, 0.1, 0.7, 0.2, 0.5, 0.4, 0.6, 0.15, 0.25, 0.35])
+    with pytest.warns(UserWarning, match=r"lowest target they support is 9\.09%"):
+        cal = fit_calibration(scores)
+    assert cal.threshold == 0.7  # no good image flagged (strict >)
     assert cal.val_fpr == 0.0
+    assert cal.target_fpr == pytest.approx(1 / 11)
+    assert cal.requested_target_fpr == 0.01
     assert cal.expected_fpr == pytest.approx(1 / 11)
-    # With 99 images 1% is exactly reachable by the maximum; with 60 the maximum gives
-    # 1/61 ~ 1.6%, within a factor 2 of the target: no warning for either.
+    # With 99 scores 1 % is exactly the maximum: supported, nothing to say.
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        cal99 = fit_calibration(np.arange(99.0), target_fpr=0.01)
-        cal60 = fit_calibration(np.arange(60.0), target_fpr=0.01)
+        cal99 = fit_calibration(np.arange(99.0))
     assert cal99.threshold == 98.0 and cal99.expected_fpr == pytest.approx(0.01)
-    assert cal60.threshold == 59.0 and cal60.expected_fpr == pytest.approx(1 / 61)
+    assert cal99.requested_target_fpr is None
 
 
 def test_f1_threshold_by_hand():
@@ -180,7 +192,7 @@ def test_threshold_does_not_depend_on_the_test_split():
     rng = np.random.default_rng(0)
     val_scores = rng.random(60)
     val_maps = [rng.random((4, 4)) * s for s in val_scores]
-    cal = fit_calibration(val_scores, val_maps)
+    cal = fit_calibration(val_scores, val_maps, target_fpr=0.02)
     stored = cal.to_dict()
 
     # Two entirely different test splits (sizes, scores, defect rate).
@@ -195,7 +207,69 @@ def test_threshold_does_not_depend_on_the_test_split():
     assert cal.to_dict() == stored
     # ... and refitting on the same validation data (whatever test set exists) is identical,
     # while the metrics themselves differ between the test sets.
-    assert fit_calibration(val_scores, val_maps).to_dict() == stored
+    assert fit_calibration(val_scores, val_maps, target_fpr=0.02).to_dict() == stored
     assert res_a["n_test"] != res_b["n_test"]
     # The threshold is a validation order statistic: 60 images at 1% -> their maximum.
     assert stored["threshold"] == float(val_scores.max())
+
+
+_DISTRIBUTIONS = {
+    # the scores' shapes seen from heads: near-normal, log-normal NLLs, heavy tails
+    "normal": stats.norm(),
+    "lognormal": stats.lognorm(1.5),
+    "pareto": stats.pareto(1.2),
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "n", "target"), [("normal", 400, 0.01), ("lognormal", 60, 0.05), ("pareto", 400, 0.01)]
+)
+def test_fpr_interval_covers_the_true_fpr_of_new_good_images(name, n, target):
+    """The stated interval holds the true FPR (the exceedance probability of the
+    threshold under the score distribution) in 95 % of draws, whatever the shape; the
+    flagged count on m new good images lands in the predicted range at least as often."""
+    dist, rng, reps, m = _DISTRIBUTIONS[name], np.random.default_rng(1), 400, 191
+    inside = counted = 0
+    for _ in range(reps):
+        cal = fit_calibration(dist.rvs(n, random_state=rng), target_fpr=target)
+        true_fpr = float(dist.sf(cal.threshold))
+        inside += cal.fpr_interval[0] <= true_fpr <= cal.fpr_interval[1]
+        lo, hi = cal.flagged_interval(m)
+        flagged = int(np.sum(dist.rvs(m, random_state=rng) > cal.threshold))
+        counted += lo <= flagged <= hi
+        assert cal.expected_fpr <= target + 1e-12
+    # binomial sd of a 95 % coverage over 400 draws: 0.011
+    assert 0.92 <= inside / reps <= 0.98
+    assert 0.93 <= counted / reps <= 1.0
+
+
+def test_an_f1_threshold_states_its_fpr_from_the_normal_scores():
+    rng = np.random.default_rng(2)
+    good, bad = rng.normal(0, 1, 80), rng.normal(3, 1, 80)
+    labels = np.r_[np.zeros(80), np.ones(80)]
+    normal = rng.normal(0, 1, 500)  # out-of-fold scores of other good images
+    cal = fit_calibration(np.r_[good, bad], method="f1", labels=labels, normal_scores=normal)
+    k = int(np.sum(normal > cal.threshold))
+    assert cal.n_normal == 500 and cal.normal_source == "out-of-fold"
+    assert cal.fpr_beta == (k + 1, 500 - k + 1)
+    assert cal.fpr_interval[0] < k / 500 < cal.fpr_interval[1]
+    # coverage: the F1 threshold is fixed by the labelled images; fresh normal scores
+    true_fpr, inside = float(stats.norm.sf(cal.threshold)), 0
+    for _ in range(300):
+        lo, hi = fit_calibration(
+            np.r_[good, bad], method="f1", labels=labels, normal_scores=rng.normal(0, 1, 500)
+        ).fpr_interval
+        inside += lo <= true_fpr <= hi
+    assert 0.9 <= inside / 300 <= 0.99
+
+
+def test_normal_scores_carry_the_threshold_and_validation_the_normalization():
+    val = np.arange(1.0, 11.0)  # 10 validation images: alone they cannot support 1 %
+    normal = np.arange(0.0, 199.0)  # 199 out-of-fold scores: m = 2 -> the 2nd highest
+    maps = [np.full((2, 2), v) for v in val]
+    cal = fit_calibration(val, maps, normal_scores=normal)
+    assert cal.threshold == 197.0 and cal.target_fpr == 0.01
+    assert cal.n_normal == 199 and cal.normal_source == "out-of-fold"
+    assert cal.fpr_beta == (2.0, 198.0) and cal.expected_fpr == pytest.approx(0.01)
+    assert (cal.map_low, cal.map_high) == (5.5, 10.0)
+    assert cal.n_val_good == 10 and cal.val_fpr == 0.0

@@ -57,6 +57,8 @@ def fitted(synth_root, tmp_path_factory):
         env_cache=out / "cache",
     )
     assert proc.returncode == 0, proc.stderr
+    (out / "fit.stdout").write_text(proc.stdout)
+    (out / "fit.stderr").write_text(proc.stderr)
     return out, model_dir
 
 
@@ -89,6 +91,14 @@ def test_fit_evaluate_predict(fitted, synth_root):
     assert metrics["n_test_good"] == 6 and metrics["n_test_defective"] == 8
     assert len(list(figures.glob("*.png"))) == 14
     assert "AUROC" in proc.stdout and "AUPRO" in proc.stdout
+    # what the stored threshold promised, next to what the test split shows
+    check = metrics["threshold_check"]
+    assert check["rule"] == "fpr" and check["normal_source"] == "out-of-fold"
+    lo, hi = check["flagged_good_interval"]
+    assert check["flagged_good"] == metrics["confusion"]["fp"]
+    assert check["fpr_inside"] == (lo <= check["flagged_good"] <= hi)
+    assert check["recall"] == pytest.approx(metrics["recall"])
+    assert "promised: FPR" in proc.stdout and "observed:" in proc.stdout
 
     pred_dir = out / "pred"
     proc = run_cli("predict", model_dir, synth_root / "tile" / "test", "--out", pred_dir)
@@ -99,6 +109,43 @@ def test_fit_evaluate_predict(fitted, synth_root):
     assert all(Path(r["overlay"]).exists() for r in rows)
     flagged_bad = [r["defective"] for r in rows if "/good/" not in r["file"]]
     assert sum(flagged_bad) >= len(flagged_bad) // 2
+
+    # the minimum-area rule: a region as large as the image flags nothing; every
+    # flagged image has a region of at least the minimum
+    big = run_cli(
+        "predict",
+        model_dir,
+        synth_root / "tile" / "test",
+        "--out",
+        out / "p2",
+        "--min-area",
+        "100000",
+    )
+    assert big.returncode == 0, big.stderr
+    rows2 = json.loads((out / "p2" / "predictions.json").read_text())
+    assert not any(r["defective"] for r in rows2)
+    assert all(r["min_area_px"] == 100000 for r in rows2)
+    small = run_cli(
+        "predict", model_dir, synth_root / "tile" / "test", "--out", out / "p3", "--min-area", "20"
+    )
+    rows3 = json.loads((out / "p3" / "predictions.json").read_text())
+    for plain, area in zip(rows, rows3, strict=True):
+        assert area["defective"] == (plain["defective"] and area["largest_region_px"] >= 20)
+    assert small.returncode == 0
+
+
+def test_fit_states_the_threshold_with_its_interval(fitted):
+    out, model_dir = fitted
+    config = json.loads((model_dir / "config.json").read_text())
+    cal = config["calibration"]
+    assert cal["normal_source"] == "out-of-fold" and cal["n_normal"] == 20
+    assert cal["fpr_interval"][0] < cal["expected_fpr"] < cal["fpr_interval"][1]
+    stdout = (out / "fit.stdout").read_text()
+    assert "from 20 out-of-fold good-image scores" in stdout and "interval" in stdout
+    # 20 good images cannot support 1 %: said once, on one line, and in the bundle
+    warning = [line for line in (out / "fit.stderr").read_text().splitlines() if "1.00%" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: a target FPR of 1.00%")
+    assert cal["requested_target_fpr"] == 0.01 and cal["target_fpr"] == pytest.approx(1 / 21)
 
 
 def test_bad_inputs_give_one_line_errors(fitted, tmp_path, synth_root):
@@ -143,6 +190,48 @@ def test_bad_inputs_give_one_line_errors(fitted, tmp_path, synth_root):
         run_cli("fit", synth_root, "--out", tmp_path / "m", "--weights", weights), "w.safetensors"
     )
     assert not (tmp_path / "m").exists()
+    # threshold options: each refused in one line, before anything is written
+    fit_tile = ("fit", synth_root, "--out", tmp_path / "m", "--category", "tile")
+    assert_one_line_error(run_cli(*fit_tile, "--min-area", "big"), "--min-area")
+    assert_one_line_error(run_cli(*fit_tile, "--min-area", "3mm2"), "--mm-per-pixel")
+    assert_one_line_error(run_cli(*fit_tile, "--threshold-rule", "f1"), "--val-defects")
+    assert_one_line_error(
+        run_cli(*fit_tile, "--threshold-rule", "f1", "--val-defects", synth_root / "tile" / "test"),
+        "test images",
+    )
+    assert_one_line_error(
+        run_cli(*fit_tile, "--target-fpr", "0.01", "--head", "gaussian"),
+        "lowest target",
+        "--target-fpr 0.0477",
+    )
+    assert not (tmp_path / "m").exists()
+
+
+def test_f1_rule_on_the_users_defective_images(synth_root, tmp_path):
+    from vitqc.data.synth import generate_synthetic
+    from vitqc.pipeline import defect_samples
+
+    other = tmp_path / "other"  # defective images that are not test images
+    generate_synthetic(other, n_train=2, n_test_good=1, n_test_defective=6, size=96, seed=7)
+    folder = tmp_path / "val_defects"
+    for path in (other / "tile" / "test").rglob("*.png"):
+        if path.parent.name != "good":
+            (folder / path.parent.name).mkdir(parents=True, exist_ok=True)
+            (folder / path.parent.name / path.name).write_bytes(path.read_bytes())
+    dataset = load_dataset(synth_root, category="tile")
+    options = FitOptions(
+        head="gaussian",
+        statistics="position",
+        calibration="f1",
+        val_defects=defect_samples(folder),
+        cache_dir=tmp_path / "c",
+        progress=False,
+    )
+    model, report = fit(dataset, options)
+    cal = report.calibration
+    assert cal.method == "f1" and cal.n_val_defective == 6 and cal.val_f1 is not None
+    assert cal.normal_source == "out-of-fold" and cal.fpr_interval is not None
+    assert float(model.threshold) == pytest.approx(cal.threshold, rel=1e-6)  # float32 buffer
 
 
 @pytest.mark.parametrize(

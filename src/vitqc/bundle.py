@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from vitqc import __version__
 from vitqc.atomic import atomic_dir
 from vitqc.backbones import create_backbone
+from vitqc.calibration import Calibration
 from vitqc.data.transforms import Preprocessor
 from vitqc.errors import VitqcError
 from vitqc.heads import create_head
@@ -57,7 +58,9 @@ def model_config(model: AnomalyModel) -> dict[str, Any]:
         },
         "smoothing_sigma": model.smoothing_sigma,
         "image_score": model.image_score,
-        "calibration": {
+        "calibration": model.calibration.to_dict()
+        if model.calibration is not None
+        else {
             "threshold": float(model.threshold),
             "map_low": float(model.map_low),
             "map_high": float(model.map_high),
@@ -142,11 +145,14 @@ def load_bundle(bundle_dir: str | Path, weights: str | None = None) -> tuple[Ano
     )
     state = _load_tensors(bundle_dir / WEIGHTS_FILE)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("extractor.")]
+    # bundles written before the per-region rule have no min_area buffer: 0 (off)
+    missing = [k for k in missing if not k.startswith("extractor.") and k != "min_area"]
     if missing or unexpected:
         raise VitqcError(
             f"{bundle_dir / WEIGHTS_FILE} does not match its config "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+    if "fpr_beta" in config.get("calibration", {}):  # how the threshold was fitted
+        model.calibration = Calibration.from_dict(config["calibration"])
     model.eval()
     return model, config

@@ -10,6 +10,7 @@ import io
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -67,11 +68,9 @@ def _load_dataset(data: Path, fmt: str, category: str | None, normal_class: int 
     return load_dataset(data, format=fmt, category=category, normal_class=normal_class, seed=seed)
 
 
-_RULES = {
-    "fpr": "target false-reject rate on good validation images",
-    "f1": "F1-best on labelled validation images",
-    "f1-synthetic": "F1-best against SYNTHETIC defects on the good validation images",
-}
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Library warnings (e.g. a target FPR the data cannot support) as one line."""
+    typer.echo(f"warning: {message}", err=True)
 
 
 def _parse_layers(layers: str | None) -> tuple[int, ...] | None:
@@ -159,15 +158,41 @@ def fit(
         typer.Option(help="map -> image score: max (paper), mean, or top:F (mean of top F)"),
     ] = "max",
     target_fpr: Annotated[
-        float | None, typer.Option(help="fraction of good validation images flagged")
+        float | None,
+        typer.Option(
+            help="rule fpr: the fraction of good parts you accept to reject (default 0.01, "
+            "or the lowest the good images support)"
+        ),
     ] = None,
     threshold_rule: Annotated[
         str,
         typer.Option(
-            help="fpr (target false-reject rate on good validation images) or f1-synthetic "
-            "(F1-best against synthetic defects on the validation images)"
+            help="fpr (target false-reject rate on good images), f1 (F1-best on your "
+            "labelled defective images, --val-defects) or f1-synthetic (F1-best against "
+            "synthetic defects on the validation images)"
         ),
     ] = "fpr",
+    threshold_folds: Annotated[
+        int,
+        typer.Option(
+            help="score every good image (train + validation) with a model fitted on the "
+            "other folds; the threshold rests on all of them (0: validation images only)"
+        ),
+    ] = 5,
+    val_defects: Annotated[
+        Path | None,
+        typer.Option(help="folder of defective images (not test images) for --threshold-rule f1"),
+    ] = None,
+    min_area: Annotated[
+        str | None,
+        typer.Option(
+            help="flag an image only when a region above the threshold covers at least this "
+            "area: pixels of the original image (50) or mm2 (2.5mm2, with --mm-per-pixel)"
+        ),
+    ] = None,
+    mm_per_pixel: Annotated[
+        float | None, typer.Option(help="image scale for --min-area in mm2")
+    ] = None,
     minmax: Annotated[
         bool,
         typer.Option("--minmax/--no-minmax", help="per-channel min-max scaling of the images"),
@@ -180,8 +205,9 @@ def fit(
 ) -> None:
     """Train a model on the good training images of DATA and write a model bundle."""
     from vitqc.bundle import save_bundle
+    from vitqc.decision import parse_min_area
     from vitqc.heads import parse_head
-    from vitqc.pipeline import FitOptions
+    from vitqc.pipeline import FitOptions, defect_samples
     from vitqc.pipeline import fit as run_fit
     from vitqc.scoring import parse_image_score
 
@@ -223,6 +249,9 @@ def fit(
         minmax=minmax,
         target_fpr=target_fpr,
         calibration=threshold_rule,
+        folds=threshold_folds,
+        val_defects=defect_samples(val_defects) if val_defects is not None else (),
+        min_area=parse_min_area(min_area, mm_per_pixel),
         cache_dir=cache_dir,
     )
     start = time.perf_counter()
@@ -235,9 +264,9 @@ def fit(
     _echo(
         f"fitted {model.head.name} on {model.extractor.name} "
         f"({report.n_train} train / {report.n_val} val images) "
-        f"in {time.perf_counter() - start:.1f} s; threshold {report.calibration.threshold:.4g}"
-        f" ({_RULES[report.calibration.method]})"
+        f"in {time.perf_counter() - start:.1f} s"
     )
+    _echo(_describe_threshold(report.calibration))
     if report.train is not None:
         t = report.train
         rating = (
@@ -267,6 +296,29 @@ def fit(
     _echo(f"model written to {out}")
 
 
+def _describe_threshold(cal) -> str:
+    from vitqc.calibration import INTERVAL_LEVEL
+    from vitqc.report.evaluation import RULE_LABELS
+
+    text = f"threshold {cal.threshold:.4g} (rule {cal.method}: {RULE_LABELS[cal.method]}"
+    if cal.method == "fpr":
+        text += f", target {cal.target_fpr:.2%}"
+        if cal.requested_target_fpr:
+            text += f" instead of {cal.requested_target_fpr:.2%}: too few good images"
+    elif cal.val_f1 is not None:
+        text += f", F1 {cal.val_f1:.3f} recall {cal.val_recall:.3f} there"
+    text += f"); from {cal.n_normal} {cal.normal_source} good-image scores"
+    if cal.fpr_interval is not None:
+        lo, hi = cal.fpr_interval
+        text += (
+            f": a new good part is rejected with probability {cal.expected_fpr:.2%} "
+            f"({INTERVAL_LEVEL:.0%} interval {lo:.2%}-{hi:.2%})"
+        )
+    if cal.min_area:
+        text += f"; flagged only with a region of at least {cal.min_area:g} px"
+    return text
+
+
 @app.command()
 def evaluate(
     model_dir: Annotated[Path, typer.Argument(help="model directory from `vitqc fit`")],
@@ -285,10 +337,14 @@ def evaluate(
     """Score the test split of DATA and report image/pixel AUROC, AUPRO, PR-AUC, F1."""
     from vitqc.backbones.cache import FeatureCache
     from vitqc.bundle import load_bundle
+    from vitqc.decision import decide
     from vitqc.pipeline import score_samples, write_evaluation_figures
     from vitqc.report.evaluation import (
         evaluate_predictions,
         format_metrics_table,
+        format_threshold_check,
+        original_shape,
+        threshold_check,
         write_metrics_json,
     )
 
@@ -299,22 +355,29 @@ def evaluate(
     cache = FeatureCache(cache_dir) if cache_dir else FeatureCache()
     start = time.perf_counter()
     scores, score_maps = score_samples(model, dataset.test, cache=cache)
+    min_area = float(model.min_area)
+    sizes = [original_shape(s) for s in dataset.test] if min_area else None
+    flagged, _ = decide(scores, score_maps, float(model.threshold), min_area, sizes)
     result = evaluate_predictions(
         dataset.test,
         scores,
         list(score_maps) if dataset.has_masks else None,
         float(model.threshold),
+        flagged=flagged,
     )
     result["model"] = str(model_dir)
     result["data"] = str(data)
     result["category"] = dataset.category
     result["seconds"] = time.perf_counter() - start
-    rule = config.get("meta", {}).get("fit", {}).get("calibration", {}).get("method")
-    result["threshold_rule"] = rule
+    calibration = model.calibration
+    result["threshold_rule"] = calibration.method if calibration is not None else None
+    if calibration is not None:
+        labels = [s.label for s in dataset.test]
+        result["threshold_check"] = threshold_check(calibration, labels, flagged)
     write_metrics_json(out, result)
     _echo(format_metrics_table(result))
-    if rule in _RULES:
-        _echo(f"threshold rule: {rule} ({_RULES[rule]})")
+    if calibration is not None:
+        _echo(format_threshold_check(result["threshold_check"]))
     if maps is not None:
         write_evaluation_figures(model, dataset.test, score_maps, maps)
         _echo(f"figures written to {maps}")
@@ -327,14 +390,26 @@ def predict(
     inputs: Annotated[list[Path], typer.Argument(help="images or folders of images")],
     out: Annotated[Path, typer.Option("--out", help="folder for overlays and summaries")],
     weights: Annotated[str | None, typer.Option(help="override the backbone weights")] = None,
+    min_area: Annotated[
+        str | None,
+        typer.Option(
+            help="override the model's minimum defect area: pixels of the original image "
+            "(50) or mm2 (2.5mm2, with --mm-per-pixel); 0 turns it off"
+        ),
+    ] = None,
+    mm_per_pixel: Annotated[
+        float | None, typer.Option(help="image scale for --min-area in mm2")
+    ] = None,
 ) -> None:
     """Score new images: decision at the stored threshold, heat-map overlays, CSV/JSON."""
     from vitqc.atomic import write_json, write_text
     from vitqc.bundle import load_bundle
+    from vitqc.decision import parse_min_area
     from vitqc.pipeline import predict_images
 
+    area = None if min_area is None else parse_min_area(min_area, mm_per_pixel)
     model, _ = load_bundle(model_dir, weights=weights)
-    rows = predict_images(model, inputs, out)
+    rows = predict_images(model, inputs, out, min_area=area)
     write_json(out / "predictions.json", rows)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
@@ -422,6 +497,7 @@ _register_bench_commands()
 def main() -> None:
     """Console entry point. Usage errors are click's own (usage line + message, exit 2);
     vitqc's errors print one line and exit 2; neither shows a traceback."""
+    warnings.showwarning = _show_warning
     try:
         app()  # standalone mode: click prints usage errors and exits with their code
     except VitqcError as exc:

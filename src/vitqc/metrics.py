@@ -34,6 +34,7 @@ from vitqc.errors import VitqcError
 __all__ = [
     "UndefinedMetricWarning",
     "aupro",
+    "decision_f1_precision_recall",
     "f1_precision_recall",
     "image_auroc",
     "image_prauc",
@@ -290,7 +291,17 @@ def f1_precision_recall(
     y, s = _image_inputs(labels, scores)
     if not math.isfinite(float(threshold)):
         raise VitqcError(f"threshold must be finite, got {threshold}")
-    flagged = s > float(threshold)
+    return decision_f1_precision_recall(y, s > float(threshold))
+
+
+def decision_f1_precision_recall(labels: object, flagged: object) -> tuple[float, float, float]:
+    """``(f1, precision, recall)`` of given decisions (``flagged`` [N] bool), with the
+    conventions of :func:`f1_precision_recall`; for rules that are not a single image
+    threshold (the minimum-area rule, ``vitqc.decision``)."""
+    y = np.asarray(labels).ravel() != 0
+    flagged = np.asarray(flagged, dtype=bool).ravel()
+    if flagged.shape != y.shape:
+        raise VitqcError(f"got {flagged.size} decisions for {y.size} labels")
     tp = int(np.sum(flagged & y))
     fp = int(np.sum(flagged & ~y))
     fn = int(np.sum(~flagged & y))

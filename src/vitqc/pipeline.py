@@ -20,12 +20,13 @@ from tqdm.auto import tqdm
 
 from vitqc.backbones import create_backbone
 from vitqc.backbones.cache import FeatureCache
-from vitqc.calibration import Calibration, fit_calibration
+from vitqc.calibration import Calibration, fit_calibration, resolve_target
 from vitqc.data.io import load_image
 from vitqc.data.proxy import ProxySet, make_proxy_set, proxy_figures
 from vitqc.data.records import Dataset, Sample
 from vitqc.data.transforms import Preprocessor, resize_batch
 from vitqc.errors import VitqcError
+from vitqc.folds import DEFAULT_FOLDS, OutOfFold, out_of_fold_scores
 from vitqc.heads import (
     check_backbone,
     create_head,
@@ -64,7 +65,18 @@ class FitOptions:
     #: images) or "f1-synthetic" (the F1-best threshold on the good validation images
     #: against their synthetic-defect copies; labelled as synthetic wherever shown).
     calibration: str = "fpr"
+    #: None: 1 %, lowered to what the good images support (with a warning); an explicit
+    #: target the data cannot support is an error.
     target_fpr: float | None = None
+    #: The threshold rests on out-of-fold scores of every good image (train + validation)
+    #: from this many folds; 0 or 1: on the validation images only.
+    folds: int = DEFAULT_FOLDS
+    #: Labelled defective images kept for choosing the threshold (rule "f1"); never
+    #: test images.
+    val_defects: Sequence[Sample] = ()
+    #: The per-region rule: flag only when a region above the threshold covers at least
+    #: this many original pixels (0: off; ``vitqc.decision``).
+    min_area: float = 0.0
     cache_dir: Path | None = None
     progress: bool = True
     #: How a trainable head's epoch is chosen: "proxy" (localization on synthetic
@@ -78,7 +90,7 @@ class FitOptions:
 
 
 SELECTIONS = ("proxy", "loss")
-CALIBRATIONS = ("fpr", "f1-synthetic")
+CALIBRATIONS = ("fpr", "f1", "f1-synthetic")
 STATISTICS = ("auto", "position", "free")
 #: Epochs without a better rating before training stops. Heads that start from the
 #: whitened Gaussian peak within a few epochs by the proxy; NLL keeps falling for
@@ -103,6 +115,8 @@ class FitReport:
     #: every rated choice with its proxy figures (empty when there was nothing to choose)
     candidates: list[dict[str, Any]] = field(default_factory=list)
     chosen: str = ""
+    #: how the normal scores behind the threshold were made (None: validation only)
+    out_of_fold: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -116,6 +130,7 @@ class FitReport:
             "selection": self.selection,
             "candidates": self.candidates,
             "chosen": self.chosen,
+            "out_of_fold": self.out_of_fold,
         }
         if self.train is not None:
             # the loss curve travels too (at most ``epochs`` pairs): it shows convergence
@@ -297,19 +312,26 @@ class _ModelSearch:
                 out.append((cand, free))
         return out
 
-    def build(self, cand: Candidate, overrides: dict[str, Any], preview: bool) -> AnomalyModel:
-        """The candidate's head, prepared on the training features (``preview``: the
-        cheaper stand-in ``heads.preview_head`` used only to rate it)."""
+    def build(
+        self,
+        cand: Candidate,
+        overrides: dict[str, Any],
+        preview: bool,
+        train_features: list[torch.Tensor] | None = None,
+    ) -> AnomalyModel:
+        """The candidate's head, prepared on the training features or ``train_features``
+        (``preview``: the cheaper stand-in ``heads.preview_head`` used only to rate it)."""
         feats = self.features(cand.layers)
+        train = feats.train if train_features is None else train_features
         name = cand.head
         kwargs = {**self.head_defaults(cand)["head"], **dict(cand.head_options), **overrides}
         if preview:
             name, kwargs = preview_head(name, kwargs)
         kwargs["seed"] = self.options.seed
-        sizes = [tuple(f.shape[-2:]) for f in feats.train]
+        sizes = [tuple(f.shape[-2:]) for f in train]
         torch.manual_seed(self.options.seed)  # before the head: initial weights, prepare()
-        head = create_head(name, [f.shape[1] for f in feats.train], sizes, **kwargs)
-        head.prepare(feats.train)
+        head = create_head(name, [f.shape[1] for f in train], sizes, **kwargs)
+        head.prepare(train)
         return AnomalyModel(
             feats.preprocessor,
             feats.extractor,
@@ -361,21 +383,69 @@ class _ModelSearch:
         return model, cand, overrides, rated
 
 
-def calibrate(model: AnomalyModel, feats: _Features, options: FitOptions) -> Calibration:
-    """The decision threshold and map normalization, from validation images only."""
+def calibrate(
+    model: AnomalyModel,
+    feats: _Features,
+    options: FitOptions,
+    normal_scores: np.ndarray | None = None,
+    cache: FeatureCache | None = None,
+) -> Calibration:
+    """The decision threshold, its FPR and the map normalization, before any test image:
+    the threshold from ``normal_scores`` (out-of-fold scores of the good images; None:
+    the validation images), the normalization from the validation maps."""
     val_scores, val_maps = score_features(model, feats.val)
-    if options.calibration == "f1-synthetic":
-        defect_scores, defect_maps = score_features(model, feats.proxy.defect_features)
+    if options.calibration in ("f1", "f1-synthetic"):
+        if options.calibration == "f1":  # the user's labelled defective images
+            defect_scores, defect_maps = score_samples(
+                model, options.val_defects, cache, progress=options.progress
+            )
+        else:
+            defect_scores, defect_maps = score_features(model, feats.proxy.defect_features)
         labels = np.r_[np.zeros(len(val_scores)), np.ones(len(defect_scores))]
         calibration = fit_calibration(
             np.r_[val_scores, defect_scores],
             list(val_maps) + list(defect_maps),
             method="f1",
             labels=labels,
+            normal_scores=normal_scores,
         )
-        return replace(calibration, method="f1-synthetic")
-    kwargs = {} if options.target_fpr is None else {"target_fpr": options.target_fpr}
-    return fit_calibration(val_scores, val_maps, method="fpr", **kwargs)
+        return replace(calibration, method=options.calibration)
+    return fit_calibration(
+        val_scores,
+        val_maps,
+        method="fpr",
+        target_fpr=options.target_fpr,
+        normal_scores=normal_scores,
+    )
+
+
+def fold_scores(
+    search: _ModelSearch,
+    cand: Candidate,
+    overrides: dict[str, Any],
+    train_cfg: TrainConfig | None,
+) -> OutOfFold:
+    """Out-of-fold scores of every good image (train, then validation) for the chosen
+    model: each fold's model is built like the final one on the other folds' features
+    and, for a trainable head, trained for ``train_cfg.epochs`` (no selection)."""
+    feats = search.features(cand.layers)
+    good = [torch.cat([t, v]) for t, v in zip(feats.train, feats.val, strict=True)]
+
+    def fit_model(features: list[torch.Tensor]) -> AnomalyModel:
+        model = search.build(cand, overrides, preview=False, train_features=features)
+        if model.head.trainable and train_cfg is not None and train_cfg.epochs > 0:
+            train_head(model.head, features, None, train_cfg)
+        model.head.eval()
+        return model
+
+    return out_of_fold_scores(
+        good,
+        fit_model,
+        lambda model, held: score_features(model, held)[0],
+        folds=search.options.folds,
+        seed=search.options.seed,
+        progress=search.options.progress,
+    )
 
 
 def _choice_key(cand: Candidate, overrides: dict[str, Any]) -> tuple:
@@ -403,6 +473,30 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         raise VitqcError(
             "--threshold-rule f1-synthetic needs at least 2 good validation images to paste "
             f"synthetic defects onto, got {len(dataset.val)}"
+        )
+    if options.calibration == "f1" and not options.val_defects:
+        raise VitqcError(
+            "--threshold-rule f1 needs labelled defective images (--val-defects FOLDER); "
+            "without them use f1-synthetic or fpr"
+        )
+    test_files = {s.path.resolve() for s in dataset.test if s.path is not None}
+    overlap = [s.path for s in options.val_defects if s.path and s.path.resolve() in test_files]
+    if overlap:
+        raise VitqcError(
+            f"--val-defects holds test images (e.g. {overlap[0]}): the test split is only "
+            "ever scored; keep separate defective images for the threshold"
+        )
+    if options.min_area < 0:
+        raise VitqcError(f"--min-area must be 0 or more, got {options.min_area}")
+    if options.folds < 0:
+        raise VitqcError(f"--threshold-folds must be 0 or more, got {options.folds}")
+    if options.target_fpr is not None and options.calibration == "fpr":
+        n_good = len(dataset.train) + len(dataset.val)
+        oof = options.folds >= 2 and n_good >= 2  # refuse an unsupported target up front
+        resolve_target(
+            options.target_fpr,
+            n_good if oof else len(dataset.val),
+            "out-of-fold" if oof else "validation",
         )
     if options.statistics not in STATISTICS:
         raise VitqcError(
@@ -444,7 +538,17 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         proxy_result = rated_epochs[result.best_epoch]
     else:
         proxy_result = proxy.figures(model) if proxy is not None else None
-    calibration = calibrate(model, feats, options)
+    oof = None
+    if options.folds >= 2 and len(dataset.train) + len(dataset.val) >= 2:
+        fold_cfg = None
+        if result is not None:  # the final model's epoch count, as a fixed budget
+            fold_cfg = replace(
+                train_cfg, epochs=result.best_epoch, progress=False, max_minutes=None
+            )
+        oof = fold_scores(search, cand, overrides, fold_cfg)
+    normal = None if oof is None else oof.scores
+    calibration = calibrate(model, feats, options, normal, search.cache)
+    calibration = replace(calibration, min_area=float(options.min_area))
     model.set_calibration(calibration)
     report = FitReport(
         search.feature_seconds,
@@ -458,6 +562,7 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         selection if head.trainable else "none (training-free head)",
         candidates=rated,
         chosen=_choice_label(cand, overrides),
+        out_of_fold=None if oof is None else oof.summary(),
     )
     return model, report
 
@@ -539,6 +644,14 @@ def write_evaluation_figures(
         save_evaluation_panel(out_dir / name, image, mask, norm, thr, title)
 
 
+def defect_samples(folder: Path) -> list[Sample]:
+    """Every image under ``folder`` as a labelled defective sample (``--val-defects``)."""
+    return [
+        Sample(key=f"val_defects/{p.relative_to(folder)}", label=1, defect_type="val", path=p)
+        for p in expand_inputs([Path(folder)])
+    ]
+
+
 def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
     from vitqc.data.io import is_image_file
 
@@ -557,15 +670,22 @@ def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
     return files
 
 
-def predict_images(model: AnomalyModel, inputs: Sequence[Path], out_dir: Path) -> list[dict]:
-    """Score images of any size; write a heat-map overlay per image; return summary rows."""
+def predict_images(
+    model: AnomalyModel, inputs: Sequence[Path], out_dir: Path, min_area: float | None = None
+) -> list[dict]:
+    """Score images of any size; write a heat-map overlay per image; return summary rows.
+    The decision is ``vitqc.decision.decide`` with the stored minimum area, or
+    ``min_area`` (original pixels) when given."""
     from vitqc.data.io import read_image
+    from vitqc.decision import decide
     from vitqc.report.figures import anomaly_overlay, resize_to, save_png
 
     if not np.isfinite(float(model.threshold)):
         raise VitqcError("this model has no calibrated threshold: refit it with `vitqc fit`")
     files = expand_inputs(inputs)
     out_dir = Path(out_dir)
+    threshold = float(model.threshold)
+    min_area = float(model.min_area) if min_area is None else float(min_area)
     rows, used = [], set()
     for path in tqdm(files, desc="predict", unit="img", leave=False):
         image = read_image(path)
@@ -579,14 +699,18 @@ def predict_images(model: AnomalyModel, inputs: Sequence[Path], out_dir: Path) -
         overlay = out_dir / "overlays" / f"{name}.png"
         save_png(anomaly_overlay(image, norm, thr), overlay)
         score = float(scores[0])
-        rows.append(
-            {
-                "file": str(path),
-                "score": score,
-                "normalized_score": float(model.normalize(torch.tensor(score))),
-                "threshold": float(model.threshold),
-                "defective": bool(score > float(model.threshold)),
-                "overlay": str(overlay),
-            }
+        flagged, areas = decide(
+            scores.numpy(), maps.numpy(), threshold, min_area, [image.shape[:2]]
         )
+        row = {
+            "file": str(path),
+            "score": score,
+            "normalized_score": float(model.normalize(torch.tensor(score))),
+            "threshold": threshold,
+            "defective": bool(flagged[0]),
+            "overlay": str(overlay),
+        }
+        if areas is not None:
+            row.update(min_area_px=min_area, largest_region_px=float(areas[0]))
+        rows.append(row)
     return rows

@@ -103,6 +103,10 @@ class AnomalyModel(nn.Module):
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self.register_buffer("map_low", torch.tensor(0.0))
         self.register_buffer("map_high", torch.tensor(1.0))
+        #: the per-region rule (original pixels, 0: off; ``vitqc.decision``)
+        self.register_buffer("min_area", torch.tensor(0.0))
+        #: how the buffers above were fitted (rule, normal scores, FPR interval)
+        self.calibration: Calibration | None = None
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -127,9 +131,11 @@ class AnomalyModel(nn.Module):
         return self.maps_from_features([f.clone() for f in self.features(x01)])
 
     def set_calibration(self, calibration: Calibration) -> None:
+        self.calibration = calibration
         self.threshold.fill_(float(calibration.threshold))
         self.map_low.fill_(float(calibration.map_low))
         self.map_high.fill_(float(calibration.map_high))
+        self.min_area.fill_(float(calibration.min_area))
 
     def normalize(self, values: torch.Tensor) -> torch.Tensor:
         """Raw scores to the calibrated range (validation-derived, not batch-derived)."""

@@ -72,13 +72,17 @@ def evaluate_loss(model: nn.Module, features: list[torch.Tensor], batch_size: in
 def train_head(
     head: nn.Module,
     train_features: list[torch.Tensor],
-    val_features: list[torch.Tensor],
+    val_features: list[torch.Tensor] | None,
     config: TrainConfig,
     select: Callable[[], float] | None = None,
 ) -> TrainResult:
     """Fit ``head`` by its own ``loss``; keep the epoch with the lowest validation loss,
     or the highest ``select()`` rating when given (called with the head in eval mode
-    after every epoch, and once before training); stop when it stalls."""
+    after every epoch, and once before training); stop when it stalls. Without
+    validation features (and ``select``) it trains ``config.epochs`` epochs and keeps the
+    last: a fixed budget, as for the out-of-fold models (``vitqc.folds``)."""
+    if val_features is None and select is not None:
+        raise ValueError("selection needs validation features")
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -87,6 +91,7 @@ def train_head(
     best_loss, best_epoch, history = math.inf, 0, []
     start = time.perf_counter()
     initial_rating = best_rating = None
+    fixed = val_features is None
     if select is not None:
         head.eval()
         initial_rating = best_rating = float(select())
@@ -113,8 +118,11 @@ def train_head(
             running += float(loss.detach()) * batch[0].shape[0]
             seen += batch[0].shape[0]
         train_loss = running / seen
-        val_loss = evaluate_loss(head, val_features, config.batch_size)
-        if select is None:
+        val_loss = math.nan if fixed else evaluate_loss(head, val_features, config.batch_size)
+        if fixed:
+            history.append((train_loss, val_loss))
+            improved = True
+        elif select is None:
             history.append((train_loss, val_loss))
             improved = val_loss < best_loss
         else:
@@ -125,7 +133,8 @@ def train_head(
                 best_rating = rating
         if improved:
             best_loss, best_epoch = val_loss, epoch
-            best_state = copy.deepcopy(head.state_dict())
+            if not fixed:  # a fixed budget keeps the last weights: nothing to restore
+                best_state = copy.deepcopy(head.state_dict())
         bar.set_postfix(train=f"{train_loss:.4f}", val=f"{val_loss:.4f}", best=best_epoch)
         if epoch - best_epoch >= config.patience:
             stopped = "patience"
@@ -137,7 +146,8 @@ def train_head(
             stopped = "time" if epoch < config.epochs else "epochs"
             break
     bar.close()
-    head.load_state_dict(best_state)
+    if not fixed:
+        head.load_state_dict(best_state)
     head.eval()
     seconds = time.perf_counter() - start
     return TrainResult(

@@ -18,11 +18,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vitqc.atomic import write_json
+from vitqc.calibration import INTERVAL_LEVEL, Calibration
 from vitqc.data.io import load_image, load_mask
 from vitqc.data.records import Sample
 from vitqc.errors import VitqcError
 from vitqc.metrics import (
     aupro,
+    decision_f1_precision_recall,
     f1_precision_recall,
     image_auroc,
     image_prauc,
@@ -35,7 +37,7 @@ __all__ = ["evaluate_predictions", "format_metrics_table", "write_metrics_json"]
 THRESHOLD_SPACE = "raw image score (max of the raw anomaly map); flagged if score > threshold"
 
 
-def _original_shape(sample: Sample) -> tuple[int, int]:
+def original_shape(sample: Sample) -> tuple[int, int]:
     """(H, W) of the sample's image, read from the file header without decoding pixels."""
     if sample.array is not None:
         return tuple(np.asarray(sample.array).shape[:2])  # type: ignore[return-value]
@@ -63,6 +65,7 @@ def evaluate_predictions(
     maps: Sequence[Any] | None,
     threshold: float,
     fpr_limit: float = 0.3,
+    flagged: Any = None,
 ) -> dict[str, Any]:
     """All test metrics of one model as a JSON-able dict.
 
@@ -71,7 +74,9 @@ def evaluate_predictions(
     has no masks (pixel metrics are then null), ``threshold`` the calibrated raw-score
     threshold (flag ``score > threshold``). Defective images without a mask count for the
     image metrics only. Undefined metrics (e.g. a test split without defects) are None and
-    the reason is listed under ``notes``.
+    the reason is listed under ``notes``. ``flagged`` [N] bool: decisions of a rule
+    that is more than the image threshold (the minimum-area rule, ``vitqc.decision``);
+    None: ``score > threshold``.
     """
     samples = list(samples)
     n = len(samples)
@@ -92,7 +97,12 @@ def evaluate_predictions(
         }
         pixel = _pixel_metrics(samples, maps, fpr_limit)
         result.update(pixel)
-        f1, precision, recall = f1_precision_recall(labels, scores, threshold)
+        if flagged is None:
+            f1, precision, recall = f1_precision_recall(labels, scores, threshold)
+            flagged = scores > float(threshold)
+        else:
+            flagged = np.asarray(flagged, dtype=bool).ravel()
+            f1, precision, recall = decision_f1_precision_recall(labels, flagged)
         per_type: dict[str, dict[str, Any]] = {}
         good = labels == 0
         for dt in defect_types:
@@ -105,7 +115,6 @@ def evaluate_predictions(
         if str(w.message) not in notes:
             notes.append(str(w.message))
 
-    flagged = scores > float(threshold)
     result.update(
         {
             "aupro_fpr_limit": float(fpr_limit),
@@ -150,6 +159,92 @@ def evaluate_predictions(
     return {k: result[k] for k in order}
 
 
+#: How each threshold rule is described wherever a threshold is shown.
+RULE_LABELS = {
+    "fpr": "target false-reject rate on good-image scores",
+    "f1": "F1-best on labelled defective validation images",
+    "f1-synthetic": "F1-best against SYNTHETIC defects on the good validation images",
+}
+
+
+def threshold_check(calibration: Calibration, labels: Any, flagged: Any) -> dict[str, Any]:
+    """What the stored threshold promised against what the test split shows: the FPR
+    interval a new good image should expect, the number of the m good test images it
+    predicts flagged (beta-binomial), the observed number, and recall."""
+    y = np.asarray(labels).ravel() != 0
+    flagged = np.asarray(flagged, dtype=bool).ravel()
+    m, n_bad = int((~y).sum()), int(y.sum())
+    fp, tp = int(np.sum(flagged & ~y)), int(np.sum(flagged & y))
+    out: dict[str, Any] = {
+        "rule": calibration.method,
+        "rule_label": RULE_LABELS.get(calibration.method, calibration.method),
+        "target_fpr": calibration.target_fpr,
+        "requested_target_fpr": calibration.requested_target_fpr,
+        "normal_source": calibration.normal_source,
+        "n_normal": calibration.n_normal,
+        "expected_fpr": calibration.expected_fpr,
+        "fpr_interval": calibration.fpr_interval,
+        "interval_level": INTERVAL_LEVEL,
+        "min_area": calibration.min_area,
+        "n_test_good": m,
+        "flagged_good": fp,
+        "observed_fpr": fp / m if m else None,
+        "n_test_defective": n_bad,
+        "flagged_defective": tp,
+        "recall": tp / n_bad if n_bad else None,
+        "val_f1": calibration.val_f1,
+    }
+    if calibration.fpr_beta is not None and m:
+        lo, hi = calibration.flagged_interval(m)
+        out["flagged_good_interval"] = [lo, hi]
+        out["fpr_inside"] = lo <= fp <= hi
+    return out
+
+
+def format_threshold_check(check: dict[str, Any]) -> str:
+    """The check as a few plain lines for the terminal."""
+    source = f"{check['n_normal']} {check['normal_source']} good-image scores"
+    rule = check["rule"]
+    head = f"decision at the stored threshold: rule {rule} ({check['rule_label']})"
+    if rule == "fpr":
+        head += f", target {check['target_fpr']:.2%}"
+        if check.get("requested_target_fpr"):
+            head += f" (requested {check['requested_target_fpr']:.2%}: too few good images)"
+    elif check.get("val_f1") is not None:
+        head += f", validation F1 {check['val_f1']:.3f}"
+    if check.get("min_area"):
+        head += f", regions of at least {check['min_area']:g} px"
+    lines = [head]
+    m = check["n_test_good"]
+    if check.get("fpr_interval") is not None:
+        lo, hi = check["fpr_interval"]
+        line = (
+            f"  promised: FPR {check['expected_fpr']:.2%} on new good images "
+            f"({check['interval_level']:.0%}: {lo:.2%}-{hi:.2%}, from {source})"
+        )
+        if "flagged_good_interval" in check:
+            a, b = check["flagged_good_interval"]
+            line += f"; of {m} good test images {a}-{b} flagged"
+        lines.append(line)
+    else:
+        lines.append("  promised: no FPR interval stored with this model (refit to get one)")
+    if m:
+        verdict = ""
+        if "fpr_inside" in check:
+            verdict = ", inside the promise" if check["fpr_inside"] else ", OUTSIDE the promise"
+        line = (
+            f"  observed: {check['flagged_good']} of {m} good test images flagged "
+            f"(FPR {check['observed_fpr']:.2%}{verdict})"
+        )
+        if check["recall"] is not None:
+            line += (
+                f"; recall {check['recall']:.3f} ({check['flagged_defective']} of "
+                f"{check['n_test_defective']} defective)"
+            )
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def _pixel_metrics(
     samples: list[Sample], maps: Sequence[Any] | None, fpr_limit: float
 ) -> dict[str, Any]:
@@ -164,7 +259,7 @@ def _pixel_metrics(
     resized: list[np.ndarray] = []
     missing = 0
     for sample, amap in zip(samples, maps, strict=True):
-        shape = _original_shape(sample)
+        shape = original_shape(sample)
         mask = load_mask(sample, shape)
         if mask is None:
             missing += 1
