@@ -14,8 +14,9 @@ MNIST = SHARED / "mnist"
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Never write features into the user's home cache from tests."""
+    """Never write features or converted weights into the user's home cache from tests."""
     monkeypatch.setenv("VITQC_CACHE", str(tmp_path_factory.getbasetemp() / "feature-cache"))
+    monkeypatch.setenv("VITQC_WEIGHTS_CACHE", str(tmp_path_factory.getbasetemp() / "weights-cache"))
 
 
 @pytest.fixture(scope="session")

