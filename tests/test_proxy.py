@@ -131,6 +131,7 @@ def test_proxy_on_real_images_keeps_masks_exact():
 def _fit(dataset, tmp_path, **kw):
     from vitqc.pipeline import FitOptions, fit
 
+    kw.setdefault("folds", 0)  # the threshold's out-of-fold scores: test_thresholds.py
     return fit(dataset, FitOptions(progress=False, cache_dir=tmp_path / "cache", **kw))
 
 

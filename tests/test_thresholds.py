@@ -113,3 +113,24 @@ def test_trainable_fold_models_train_the_final_best_epoch_count_without_selectio
     for n_fit, no_val, no_select, epochs in folds:
         assert no_val and no_select and epochs == report.train.best_epoch
         assert n_good * 3 // 5 <= n_fit < n_good
+
+
+def test_threshold_options_are_checked_before_any_work(dataset, tmp_path):
+    from vitqc.errors import VitqcError
+    from vitqc.pipeline import FitOptions, defect_samples, fit
+
+    with pytest.raises(VitqcError, match="--val-defects"):
+        fit(dataset, FitOptions(head="gaussian", calibration="f1", progress=False))
+    test_defects = defect_samples(dataset.test[0].path.parent.parent)  # the test folder
+    with pytest.raises(VitqcError, match="holds test images"):
+        fit(
+            dataset,
+            FitOptions(head="gaussian", calibration="f1", val_defects=test_defects),
+        )
+    with pytest.raises(VitqcError, match="--min-area must be 0 or more"):
+        fit(dataset, FitOptions(head="gaussian", min_area=-1))
+    with pytest.raises(VitqcError, match="--threshold-folds"):
+        fit(dataset, FitOptions(head="gaussian", folds=-1))
+    # 4 validation images cannot support 5 %: refused up front, naming the lowest target
+    with pytest.raises(VitqcError, match=r"lowest target they support is 20\.00%"):
+        fit(dataset, FitOptions(head="gaussian", folds=0, target_fpr=0.05))

@@ -15,7 +15,13 @@ from vitqc.bundle import save_bundle
 from vitqc.data.layouts import load_dataset
 from vitqc.data.synth import generate_synthetic
 from vitqc.pipeline import FitOptions, fit, score_samples, write_evaluation_figures
-from vitqc.report.evaluation import evaluate_predictions, format_metrics_table, write_metrics_json
+from vitqc.report.evaluation import (
+    evaluate_predictions,
+    format_metrics_table,
+    format_threshold_check,
+    threshold_check,
+    write_metrics_json,
+)
 
 
 def run_demo(
@@ -35,9 +41,14 @@ def run_demo(
     save_bundle(model, out / "model", {"fit": report.to_dict()})
     scores, maps = score_samples(model, dataset.test, cache=cache)
     result = evaluate_predictions(dataset.test, scores, list(maps), float(model.threshold))
+    labels = [s.label for s in dataset.test]
+    result["threshold_check"] = threshold_check(
+        report.calibration, labels, scores > float(model.threshold)
+    )
     write_metrics_json(out / "metrics.json", result)
     write_evaluation_figures(model, dataset.test, maps, out / "maps")
     echo(format_metrics_table(result))
+    echo(format_threshold_check(result["threshold_check"]))
     echo(f"model:   {out / 'model'}")
     echo(f"metrics: {out / 'metrics.json'}")
     echo(f"figures: {out / 'maps'}")
