@@ -417,6 +417,22 @@ def predict(
 
 
 @app.command()
+def export(
+    model_dir: Annotated[Path, typer.Argument(help="model directory from `vitqc fit`")],
+    out: Annotated[Path, typer.Option("--out", help="the ONNX file to write (MODEL.onnx)")],
+    weights: Annotated[str | None, typer.Option(help="override the backbone weights")] = None,
+) -> None:
+    """Export a model as one ONNX file (preprocessing, backbone, head, calibration) for
+    `python -m vitqc.runtime`, which scores images without torch."""
+    from vitqc.export import export_bundle
+
+    if out.is_dir():
+        raise VitqcError(f"--out {out} is a directory: name the ONNX file, e.g. {out}/model.onnx")
+    path = export_bundle(model_dir, out, weights=weights)
+    _echo(f"ONNX model written to {path}; run it with: python -m vitqc.runtime {path} IMAGES")
+
+
+@app.command()
 def inspect(
     data: DataArg,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,

@@ -9,21 +9,55 @@ covers at least ``min_area`` original pixels. The map is the model's map at its 
 size; each map pixel stands for ``(H * W) / (h * w)`` pixels of an H x W original. The
 area rule only removes flags, so the false-reject rate stated for the threshold stays an
 upper bound.
+
+Operator score (``operator_score``). One number an operator can read, the same in
+``vitqc predict``, the exported ONNX graph and ``vitqc.runtime``: in [0, 1], exactly 0.5
+at the threshold, monotone in the raw score. From the stored calibration: L = ``map_low``
+(the median pixel score of the good validation maps: a typical normal pixel) and T = the
+threshold (from the normal scores, see ``vitqc.calibration``); with u = (s - L) / (T - L),
+
+    normalized = clip(u, 0, 1) / 2        for u <= 1  (linear from a typical normal pixel)
+    normalized = 1 - 1 / (2 u)            for u > 1   (twice the threshold's margin: 0.75)
+
+Applied to maps it gives the exported model's map, on the same scale. This is the one
+definition: it works on floats, numpy arrays and (duck typing: ``-``, ``/``, ``.clip``)
+torch tensors, which is how the export graph computes it. Display normalization
+(``AnomalyModel.normalize``, figures) is a different, linear scale.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
 from vitqc.errors import VitqcError
 
-__all__ = ["decide", "largest_region_area", "parse_min_area", "pixel_area"]
+__all__ = ["decide", "largest_region_area", "operator_score", "parse_min_area", "pixel_area"]
 
 _EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def operator_score(scores: Any, map_low: Any, threshold: Any) -> Any:
+    """Raw scores (or maps) to the operator scale: 0.5 at ``threshold``, in [0, 1].
+
+    ``scores`` may be a float, a numpy array or a torch tensor (then ``map_low`` and
+    ``threshold`` may be 0-d tensors, as in the export graph, and a tensor comes back);
+    floats and arrays come back as float64 numpy values. Needs ``threshold > map_low``."""
+    if not hasattr(scores, "clip"):
+        scores = np.asarray(scores, dtype=np.float64)
+    span = threshold - map_low
+    if isinstance(span, float | int | np.floating) and not span > 0:
+        raise VitqcError(
+            f"the operator score needs the threshold ({float(threshold):g}) above the "
+            f"typical normal pixel score map_low ({float(map_low):g})"
+        )
+    u = (scores - map_low) / span
+    # u <= 1: u.clip(0, 1) / 2 and the second term is 0; u > 1: 1/2 + 1/2 - 1 / (2u)
+    return u.clip(0.0, 1.0) * 0.5 + (0.5 - 0.5 / u.clip(min=1.0))
 
 
 def largest_region_area(anomaly_map: np.ndarray, threshold: float) -> int:

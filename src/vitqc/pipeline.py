@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from vitqc.backbones import create_backbone
 from vitqc.backbones.cache import FeatureCache
 from vitqc.calibration import Calibration, fit_calibration, resolve_target
-from vitqc.data.io import load_image
+from vitqc.data.io import expand_inputs, load_image
 from vitqc.data.proxy import ProxySet, make_proxy_set, proxy_figures
 from vitqc.data.records import Dataset, Sample
 from vitqc.data.transforms import Preprocessor, resize_batch
@@ -652,24 +652,6 @@ def defect_samples(folder: Path) -> list[Sample]:
     ]
 
 
-def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
-    from vitqc.data.io import is_image_file
-
-    files: list[Path] = []
-    for item in inputs:
-        item = Path(item)
-        if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if is_image_file(p))
-            if not found:
-                raise VitqcError(f"no images found in folder {item}")
-            files.extend(found)
-        elif item.is_file():
-            files.append(item)
-        else:
-            raise VitqcError(f"input not found: {item}")
-    return files
-
-
 def predict_images(
     model: AnomalyModel, inputs: Sequence[Path], out_dir: Path, min_area: float | None = None
 ) -> list[dict]:
@@ -677,7 +659,7 @@ def predict_images(
     The decision is ``vitqc.decision.decide`` with the stored minimum area, or
     ``min_area`` (original pixels) when given."""
     from vitqc.data.io import read_image
-    from vitqc.decision import decide
+    from vitqc.decision import decide, operator_score
     from vitqc.report.figures import anomaly_overlay, resize_to, save_png
 
     if not np.isfinite(float(model.threshold)):
@@ -705,7 +687,8 @@ def predict_images(
         row = {
             "file": str(path),
             "score": score,
-            "normalized_score": float(model.normalize(torch.tensor(score))),
+            # the operator scale (0.5 at the threshold), as in the export and the runtime
+            "normalized_score": float(operator_score(score, float(model.map_low), threshold)),
             "threshold": threshold,
             "defective": bool(flagged[0]),
             "overlay": str(overlay),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -75,3 +76,19 @@ def load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:
             f"{shape[1]}x{shape[0]}"
         )
     return mask
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given; folders searched recursively for image files (sorted)."""
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if is_image_file(p))
+            if not found:
+                raise VitqcError(f"no images found in folder {item}")
+            files.extend(found)
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise VitqcError(f"input not found: {item}")
+    return files

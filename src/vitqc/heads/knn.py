@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from vitqc.errors import VitqcError
 from vitqc.heads.base import FeatureStandardizer, Head, concat_at_finest
 
 
@@ -66,6 +67,10 @@ def greedy_coreset(
         min_dist = torch.minimum(min_dist, dist.clamp_min(0).min(1).values)
         min_dist[new] = 0
     return selected
+
+
+#: Bank entries per distance block: ``[patches in the batch, BANK_BLOCK]`` at a time.
+BANK_BLOCK = 4096
 
 
 class KNNHead(Head):
@@ -117,17 +122,23 @@ class KNNHead(Head):
         self.bank = patches[idx].clone()
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Distance of each patch to its nearest bank entry: squared distances by matrix
+        products (no ``torch.cdist``, which ONNX cannot hold), the minimum taken over
+        fixed blocks of ``BANK_BLOCK`` bank entries, so that nothing depends on the
+        batch size and the exported graph (``vitqc.export``) is this code traced."""
         emb = self._embeddings(features)
-        b, d, h, w = emb.shape
+        d, h, w = emb.shape[1], emb.shape[2], emb.shape[3]
         queries = emb.permute(0, 2, 3, 1).reshape(-1, d)
+        q_sq = queries.pow(2).sum(1, keepdim=True)
         bank = self.bank.float()
-        bank_sq = bank.pow(2).sum(1)
-        best = torch.empty(queries.shape[0])
-        for start in range(0, queries.shape[0], 4096):
-            q = queries[start : start + 4096]
-            d2 = q.pow(2).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq[None]
-            best[start : start + 4096] = d2.min(1).values.clamp_min(0).sqrt()
-        return best.reshape(b, h, w)
+        if bank.shape[0] == 0:
+            raise VitqcError("the knn head has an empty memory bank: prepare() it first")
+        best = None
+        for start in range(0, int(bank.shape[0]), BANK_BLOCK):
+            part = bank[start : start + BANK_BLOCK]
+            d2 = (q_sq - 2 * queries @ part.T + part.pow(2).sum(1)[None]).min(1).values
+            best = d2 if best is None else torch.minimum(best, d2)
+        return best.clamp_min(0).sqrt().reshape(-1, h, w)
 
     def config(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,225 @@
+"""Score images with an exported model: onnxruntime, numpy and Pillow, no torch.
+
+    python -m vitqc.runtime MODEL.onnx IMAGE_OR_FOLDER... [--threshold T]
+
+prints one JSON line per image: ``file``, ``score`` (raw), ``normalized_score`` (the
+operator scale of ``vitqc.decision.operator_score``: 0.5 at the threshold in use),
+``threshold``, ``defective``, and with a stored (or ``--min-area``) minimum area
+``min_area_px`` and ``largest_region_px``. A bad input (missing file, not an image, not a
+vitqc ONNX file) prints one line ``error: ...`` and exits with status 2.
+
+Preprocessing follows the file's ``resize`` metadata, which is what ``vitqc predict``
+does (``vitqc.data.transforms.resize_batch``): uint8 RGB (grayscale and palette images
+converted by Pillow like ``vitqc.data.io.read_image``) divided by 255, resized per channel
+as float32 with Pillow's bilinear filter (an antialiased triangle filter, the one torch's
+``antialias=True`` reproduces), clipped to [0, 1]; an image already at the input size is
+passed as is. Pillow and torch differ by at most about 2e-5 per pixel value (rounding).
+
+Decisions are ``vitqc.decision.decide`` on the raw ``score`` with the threshold in use.
+With a minimum area, ``decide`` runs on the operator scale of the stored threshold (the
+graph's ``map`` and the scores mapped alike, against the threshold in use mapped alike):
+the scale is strictly increasing above ``map_low``, so the same images and pixels pass
+as with raw values (a ``--threshold`` at or below ``map_low`` makes the area rule count
+every pixel above ``map_low``).
+
+Only torch-free vitqc modules are imported: ``vitqc.data.io`` (reading images, as
+``vitqc predict`` does), ``vitqc.decision`` and ``vitqc.errors``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vitqc.data.io import expand_inputs, read_image
+from vitqc.decision import decide, operator_score
+from vitqc.errors import VitqcError
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "METADATA_KEY",
+    "OUTPUTS",
+    "ExportedModel",
+    "main",
+    "resize_image",
+]
+
+#: The ONNX file format shared with ``vitqc.export`` (defined here: this module has no torch)
+METADATA_KEY = "vitqc"
+FORMAT = "vitqc-onnx"
+FORMAT_VERSION = 1
+OUTPUTS = ("score", "normalized_score", "map", "defective")
+
+
+def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """uint8 ``[H, W, 3]`` (or ``[H, W]``) -> float32 ``[3, h, w]`` in [0, 1], the
+    runtime's twin of ``vitqc.data.transforms.resize_batch`` for one image."""
+    arr = np.asarray(image)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
+        raise VitqcError(f"expected a uint8 HxWx3 or HxW image, got {arr.dtype} {arr.shape}")
+    x = arr.astype(np.float32) / np.float32(255.0)
+    h, w = int(size[0]), int(size[1])
+    if x.shape[:2] == (h, w):
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+    channels = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(x[:, :, c])).resize(
+                (w, h), Image.Resampling.BILINEAR
+            ),
+            dtype=np.float32,
+        )
+        for c in range(3)
+    ]
+    return np.clip(np.stack(channels), 0.0, 1.0)
+
+
+class ExportedModel:
+    """An exported vitqc model in an onnxruntime session, with its metadata (``info``)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:  # pragma: no cover - a dependency
+            raise VitqcError("the runtime needs onnxruntime: pip install onnxruntime") from exc
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise VitqcError(f"model file not found: {self.path}")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = int(threads)
+            options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(
+                str(self.path), options, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf
+            raise VitqcError(f"cannot load {self.path}: not an ONNX model") from exc
+        raw = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        try:
+            info = json.loads(raw) if raw else None
+        except json.JSONDecodeError:
+            info = None
+        if not isinstance(info, dict) or info.get("format") != FORMAT:
+            raise VitqcError(f"{self.path} is not a vitqc model (no {METADATA_KEY!r} metadata)")
+        if info.get("format_version") != FORMAT_VERSION:
+            raise VitqcError(
+                f"{self.path}: unsupported vitqc ONNX format {info.get('format_version')!r}"
+            )
+        names = {o.name for o in self.session.get_outputs()}
+        if not set(OUTPUTS) <= names:
+            raise VitqcError(f"{self.path} lacks the outputs {sorted(set(OUTPUTS) - names)}")
+        self.info: dict[str, Any] = info
+        self.input_size = (int(info["input_size"][0]), int(info["input_size"][1]))
+        self.threshold = float(info["threshold"])
+        self.map_low = float(info["map_low"])
+        self.min_area = float(info.get("min_area") or 0.0)
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """The graph on ``[N, 3, h, w]`` float32 in [0, 1]: its four outputs by name."""
+        values = self.session.run(list(OUTPUTS), {"image": np.asarray(batch, np.float32)})
+        return dict(zip(OUTPUTS, values, strict=True))
+
+    def score_images(
+        self,
+        images: Sequence[np.ndarray],
+        threshold: float | None = None,
+        min_area: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Rows for uint8 images of any size (one graph call for the batch)."""
+        if not images:
+            return []
+        thr = self.threshold if threshold is None else float(threshold)
+        area = self.min_area if min_area is None else float(min_area)
+        out = self.run(np.stack([resize_image(im, self.input_size) for im in images]))
+        scores = out["score"].astype(np.float64)
+        if area > 0:
+            # the map is on the operator scale of the stored threshold: decide there
+            # (strictly increasing above map_low, so the same images and pixels)
+            flagged, areas = decide(
+                operator_score(scores, self.map_low, self.threshold),
+                out["map"],
+                float(operator_score(thr, self.map_low, self.threshold)),
+                area,
+                [im.shape[:2] for im in images],
+            )
+        else:
+            flagged, areas = decide(scores, None, thr)
+        rows = []
+        for i in range(len(images)):
+            row: dict[str, Any] = {
+                "score": float(scores[i]),
+                "normalized_score": float(operator_score(scores[i], self.map_low, thr)),
+                "threshold": thr,
+                "defective": bool(flagged[i]),
+            }
+            if areas is not None:
+                row.update(min_area_px=area, largest_region_px=float(areas[i]))
+            rows.append(row)
+        return rows
+
+    def score_files(
+        self,
+        inputs: Sequence[str | Path],
+        threshold: float | None = None,
+        min_area: float | None = None,
+        batch_size: int = 8,
+    ) -> Iterator[dict[str, Any]]:
+        """Rows (with ``file``) for image files and folders, ``batch_size`` at a time."""
+        files = expand_inputs(inputs)
+        for start in range(0, len(files), max(1, int(batch_size))):
+            chunk = files[start : start + max(1, int(batch_size))]
+            rows = self.score_images([read_image(p) for p in chunk], threshold, min_area)
+            for path, row in zip(chunk, rows, strict=True):
+                yield {"file": str(path), **row}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vitqc.runtime",
+        description="Score images with an exported vitqc model (onnxruntime, no torch): "
+        "one JSON line per image.",
+    )
+    parser.add_argument("model", type=Path, help="MODEL.onnx from `vitqc export`")
+    parser.add_argument("inputs", nargs="+", type=Path, help="images or folders of images")
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="raw-score threshold (default: stored)"
+    )
+    parser.add_argument(
+        "--min-area",
+        type=float,
+        default=None,
+        help="minimum defect area in original pixels (default: stored; 0: off)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="images per graph call")
+    parser.add_argument("--threads", type=int, default=None, help="onnxruntime CPU threads")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.threshold is not None and not np.isfinite(args.threshold):
+            raise VitqcError(f"--threshold must be a finite number, got {args.threshold}")
+        model = ExportedModel(args.model, threads=args.threads)
+        expand_inputs(args.inputs)  # every input checked before the first line is printed
+        for row in model.score_files(args.inputs, args.threshold, args.min_area, args.batch_size):
+            print(json.dumps(row), flush=True)
+    except VitqcError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""ONNX export and the torch-free runtime (issue 17): parity with torch per head, batch
+independence, the same decisions as `vitqc predict`, and the runtime without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from vitqc.bundle import load_bundle, save_bundle
+from vitqc.data.io import read_image
+from vitqc.data.layouts import load_dataset
+from vitqc.data.transforms import Preprocessor, resize_batch
+from vitqc.decision import operator_score
+from vitqc.errors import VitqcError
+from vitqc.export import METADATA_KEY, bundle_id, export_bundle, export_onnx
+from vitqc.pipeline import FitOptions, fit, predict_images
+from vitqc.runtime import ExportedModel, resize_image
+
+HEADS = ("gaussian", "knn", "flow", "gmm")
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def dataset(synth_root):
+    return load_dataset(synth_root, category="tile", seed=0)
+
+
+@pytest.fixture(scope="module")
+def images(dataset, tmp_path_factory) -> list[Path]:
+    """Test images as files: the originals (96 px), a grayscale one, a large non-square
+    one (downsampling) and one already at the model's input size (no resize)."""
+    out = tmp_path_factory.mktemp("export-images")
+    files = [s.path for s in dataset.test[:6]]
+    defective = next(s for s in dataset.test if s.label == 1)
+    rgb = Image.open(defective.path).convert("RGB")
+    rgb.convert("L").save(out / "gray.png")
+    rgb.resize((517, 300), Image.Resampling.BICUBIC).save(out / "wide.png")
+    rgb.resize((224, 224), Image.Resampling.BICUBIC).save(out / "input_size.png")
+    return [Path(f) for f in files] + sorted(out.glob("*.png"))
+
+
+@pytest.fixture(scope="module", params=HEADS)
+def exported(request, dataset, tmp_path_factory):
+    head = request.param
+    out = tmp_path_factory.mktemp(f"export-{head}")
+    options = FitOptions(
+        head=head, statistics="position", folds=0, epochs=1, patience=1, progress=False
+    )
+    model, report = fit(dataset, options)
+    save_bundle(model, out / "model", {"fit": report.to_dict()})
+    onnx_path = export_bundle(out / "model", out / "model.onnx")
+    loaded, _ = load_bundle(out / "model")
+    return head, loaded, out / "model", onnx_path, ExportedModel(onnx_path, threads=1)
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float((np.abs(a - b) / np.maximum(np.abs(b), 1e-12)).max())
+
+
+def test_operator_score_is_half_at_the_threshold_bounded_and_monotone():
+    low, thr = 2.0, 5.0
+    s = np.linspace(-10, 1e4, 100_001)
+    v = operator_score(s, low, thr)
+    assert float(operator_score(thr, low, thr)) == 0.5
+    assert v.min() == 0.0 and v.max() < 1.0 and np.all(np.diff(v) >= 0)
+    assert np.all(np.diff(v[s > low]) > 0)  # strictly increasing above map_low
+    assert float(operator_score(low + 2 * (thr - low), low, thr)) == pytest.approx(0.75)
+    # the torch twin is the same function (the export graph computes it)
+    t = operator_score(torch.tensor(s[:5000]), torch.tensor(low), torch.tensor(thr))
+    assert isinstance(t, torch.Tensor)
+    np.testing.assert_allclose(t.numpy(), v[:5000], atol=1e-12)
+    with pytest.raises(VitqcError, match="threshold"):
+        operator_score(1.0, 3.0, 3.0)
+
+
+def test_onnx_runtime_matches_torch(exported, images):
+    head, model, _, _, runtime = exported
+    x = resize_batch([read_image(p) for p in images], model.input_size)
+    with torch.no_grad():
+        maps, scores = model(x)
+    out = runtime.run(x.numpy())
+    threshold = float(model.threshold)
+    assert _rel(out["score"], scores.numpy()) <= 1e-4, head
+    torch_map = operator_score(maps, model.map_low, model.threshold).numpy()
+    assert out["map"].shape == torch_map.shape == (len(images), *model.input_size)
+    assert float(np.abs(out["map"] - torch_map).max()) <= 1e-3, head
+    expected = operator_score(scores.numpy().astype(np.float64), float(model.map_low), threshold)
+    np.testing.assert_allclose(out["normalized_score"], expected, atol=1e-5)
+    assert out["defective"].dtype == bool
+    np.testing.assert_array_equal(out["defective"], scores.numpy() > threshold)
+    assert out["map"].min() >= 0 and out["map"].max() <= 1
+
+
+def test_batch_of_one_and_of_eight_agree(exported, images):
+    _, model, _, _, runtime = exported
+    x = np.stack([resize_image(read_image(p), model.input_size) for p in images[:8]])
+    eight = runtime.run(x)
+    ones = [runtime.run(x[i : i + 1]) for i in range(8)]
+    one_scores = np.concatenate([o["score"] for o in ones])
+    assert _rel(one_scores, eight["score"]) <= 1e-5
+    one_maps = np.concatenate([o["map"] for o in ones])
+    assert float(np.abs(one_maps - eight["map"]).max()) <= 1e-4
+
+
+def test_runtime_resize_matches_torch(images):
+    for path in images:
+        image = read_image(path)
+        ref = resize_batch([image], (224, 224))[0].numpy()
+        assert float(np.abs(resize_image(image, (224, 224)) - ref).max()) < 5e-5, path
+
+
+def test_runtime_gives_predict_decisions(exported, images, tmp_path):
+    head, model, _, _, runtime = exported
+    predicted = predict_images(model, images, tmp_path / "predict")
+    rows = list(runtime.score_files(images))
+    assert [r["file"] for r in rows] == [p["file"] for p in predicted]
+    for r, p in zip(rows, predicted, strict=True):
+        assert r["defective"] == p["defective"], (head, r, p)
+        assert r["threshold"] == p["threshold"]
+        assert r["score"] == pytest.approx(p["score"], rel=1e-4)
+        assert r["normalized_score"] == pytest.approx(p["normalized_score"], abs=1e-3)
+    # predict's normalized score is the operator score: 0.5 at the threshold
+    for p in predicted:
+        assert (p["normalized_score"] > 0.5) == p["defective"]
+    # the minimum-area rule on the exported map flags what predict flags
+    area = 150.0
+    predicted = predict_images(model, images, tmp_path / "area", min_area=area)
+    rows = list(runtime.score_files(images, min_area=area))
+    for r, p in zip(rows, predicted, strict=True):
+        assert r["defective"] == p["defective"], (head, r, p)
+        assert r["largest_region_px"] == pytest.approx(p["largest_region_px"], rel=0.02, abs=40)
+    # another threshold without exporting again: the lowest score flags every image
+    lowest = min(r["score"] for r in rows) - 1e-6
+    again = list(runtime.score_files(images, threshold=lowest, min_area=0))
+    assert all(r["defective"] for r in again)
+
+
+def test_metadata_carries_what_a_caller_needs(exported):
+    head, model, bundle_dir, onnx_path, runtime = exported
+    proto = onnx.load(str(onnx_path), load_external_data=False)
+    props = {p.key: p.value for p in proto.metadata_props}
+    info = json.loads(props[METADATA_KEY])
+    assert info == runtime.info
+    assert info["model_id"] == bundle_id(bundle_dir)
+    assert info["input_size"] == list(model.input_size)
+    assert info["resize"]["method"] == "bilinear" and info["resize"]["antialias"] is True
+    assert info["resize"]["channel_order"] == "RGB"
+    assert info["threshold"] == float(model.threshold)
+    assert info["map_low"] == float(model.map_low)
+    assert info["calibration"] == json.loads(json.dumps(model.calibration.to_dict()))
+    assert "min_area" in info["calibration"] and "fpr_interval" in info["calibration"]
+    assert info["head"]["name"] == head and info["head"]["config"] == model.head.config()
+    assert info["backbone"]["name"] == model.extractor.name
+    assert info["image_score"] == model.image_score
+    assert info["smoothing_sigma"] == model.smoothing_sigma
+    assert set(info["validation"]) >= {"proxy", "image_auroc"}
+    graph_input = proto.graph.input[0]
+    dims = graph_input.type.tensor_type.shape.dim
+    assert graph_input.name == "image" and dims[0].dim_param == "N"
+    assert [d.dim_value for d in dims[1:]] == [3, *model.input_size]
+    assert [o.name for o in proto.graph.output] == [
+        "score",
+        "normalized_score",
+        "map",
+        "defective",
+    ]
+    assert not any(n.op_type == "CDist" for n in proto.graph.node)
+
+
+TORCH_BLOCKER = textwrap.dedent(
+    """
+    import runpy, sys
+
+    class NoTorch:
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError("torch is not installed here")
+            return None
+
+    sys.meta_path.insert(0, NoTorch())
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("the blocker failed")
+    sys.argv = ["vitqc.runtime", *sys.argv[1:]]
+    runpy.run_module("vitqc.runtime", run_name="__main__", alter_sys=True)
+    """
+)
+
+
+def run_runtime(*args: object) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-c", TORCH_BLOCKER, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    err = proc.stderr.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ")
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_runtime_cli_runs_without_torch(exported, images, tmp_path):
+    head, model, _, onnx_path, runtime = exported
+    if head != "knn":
+        pytest.skip("one head is enough for the command line")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for p in images:
+        (folder / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
+    proc = run_runtime(onnx_path, folder, "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    expected = list(runtime.score_files([folder]))
+    assert lines == expected and len(lines) == len(images)
+    for row in lines:
+        assert set(row) >= {"file", "score", "normalized_score", "defective"}
+    predicted = predict_images(model, sorted(folder.iterdir()), tmp_path / "predict")
+    assert [r["defective"] for r in lines] == [p["defective"] for p in predicted]
+    # another threshold from the command line
+    proc = run_runtime(onnx_path, images[0], "--threshold", "1e9", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)
+    assert row["defective"] is False and row["threshold"] == 1e9
+
+    # bad inputs: one line each, exit 2
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    assert_one_line_error(run_runtime(onnx_path, tmp_path / "missing.png"), "missing.png")
+    assert_one_line_error(run_runtime(onnx_path, text), "not a valid image")
+    assert_one_line_error(run_runtime(text, images[0]), "not an ONNX model")
+    plain = tmp_path / "plain.onnx"
+    node = onnx.helper.make_node("Identity", ["image"], ["score"])
+    value = onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, [1])
+    result = onnx.helper.make_tensor_value_info("score", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([node], "g", [value], [result])
+    onnx.save(
+        onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]), plain
+    )
+    assert_one_line_error(run_runtime(plain, images[0]), "not a vitqc model")
+
+
+def test_vitqc_export_command(exported, tmp_path):
+    head, _, bundle_dir, onnx_path, runtime = exported
+    if head != "gaussian":
+        pytest.skip("one head is enough for the command line")
+    out = tmp_path / "cli.onnx"
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitqc.cli", "export", str(bundle_dir), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_file() and not list(tmp_path.glob(".*.tmp"))  # written atomically
+    assert ExportedModel(out).info["model_id"] == runtime.info["model_id"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "vitqc.cli", "export", str(tmp_path / "nope"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert_one_line_error(proc, "model directory not found")
+
+
+def test_vtadl_is_refused_with_one_line(tmp_path):
+    from vitqc.backbones import create_backbone
+    from vitqc.heads import create_head
+    from vitqc.scoring import AnomalyModel
+
+    extractor = create_backbone("pixels", image_size=(28, 28))
+    head = create_head("vtadl", [3], [(28, 28)], width=16, depth=1, heads=2, mlp_dim=32)
+    model = AnomalyModel(Preprocessor.for_backbone(extractor), extractor, head)
+    with pytest.raises(VitqcError, match="'vtadl' head") as info:
+        export_onnx(model, tmp_path / "v.onnx", {})
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "v.onnx").exists()
