@@ -142,6 +142,7 @@ def test_fit_states_the_threshold_with_its_interval(fitted):
     assert cal["fpr_interval"][0] < cal["expected_fpr"] < cal["fpr_interval"][1]
     stdout = (out / "fit.stdout").read_text()
     assert "from 20 out-of-fold good-image scores" in stdout and "interval" in stdout
+    assert "out-of-fold scores: 5 fold models in" in stdout
     # 20 good images cannot support 1 %: said once, on one line, and in the bundle
     warning = [line for line in (out / "fit.stderr").read_text().splitlines() if "1.00%" in line]
     assert len(warning) == 1 and warning[0].startswith("warning: a target FPR of 1.00%")

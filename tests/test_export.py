@@ -283,15 +283,27 @@ def test_vitqc_export_command(exported, tmp_path):
     assert_one_line_error(proc, "model directory not found")
 
 
-def test_vtadl_is_refused_with_one_line(tmp_path):
+def test_vtadl_exports_with_parity_and_an_uncalibrated_model_is_refused(tmp_path):
+    """VT-ADL (its own ViT on the pixels, SSIM in the image score) in the same graph; a
+    small untrained one is enough for parity."""
     from vitqc.backbones import create_backbone
+    from vitqc.calibration import Calibration
     from vitqc.heads import create_head
     from vitqc.scoring import AnomalyModel
 
     extractor = create_backbone("pixels", image_size=(28, 28))
     head = create_head("vtadl", [3], [(28, 28)], width=16, depth=1, heads=2, mlp_dim=32)
-    model = AnomalyModel(Preprocessor.for_backbone(extractor), extractor, head)
-    with pytest.raises(VitqcError, match="'vtadl' head") as info:
+    model = AnomalyModel(Preprocessor.for_backbone(extractor), extractor, head).eval()
+    with pytest.raises(VitqcError, match="no calibrated threshold") as info:
         export_onnx(model, tmp_path / "v.onnx", {})
-    assert "\n" not in str(info.value)
-    assert not (tmp_path / "v.onnx").exists()
+    assert "\n" not in str(info.value) and not (tmp_path / "v.onnx").exists()
+    model.set_calibration(Calibration(threshold=5.0, map_low=1.0, map_high=4.0))
+    runtime = ExportedModel(export_onnx(model, tmp_path / "v.onnx", {}), threads=1)
+    x = torch.rand(8, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        maps, scores = model(x)
+    out = runtime.run(x.numpy())
+    assert _rel(out["score"], scores.numpy()) <= 1e-4
+    torch_map = operator_score(maps, model.map_low, model.threshold).numpy()
+    assert float(np.abs(out["map"] - torch_map).max()) <= 1e-3
+    assert _rel(runtime.run(x[:1].numpy())["score"], out["score"][:1]) <= 1e-5

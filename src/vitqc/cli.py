@@ -271,6 +271,12 @@ def fit(
         f"in {time.perf_counter() - start:.1f} s"
     )
     _echo(_describe_threshold(report.calibration))
+    if report.out_of_fold:
+        oof = report.out_of_fold
+        _echo(
+            f"out-of-fold scores: {oof['folds']} fold models in {oof['seconds']:.1f} s "
+            "(--threshold-folds 0 skips them: the threshold then rests on the validation images)"
+        )
     if report.train is not None:
         t = report.train
         rating = (

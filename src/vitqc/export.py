@@ -22,10 +22,9 @@ also needs ``onnxscript``). The file holds:
   head, ``image_score``, ``smoothing_sigma``, ``validation`` = the fit's proxy figures).
   A caller can apply another threshold from ``score`` without exporting again.
 
-What the graph cannot hold is refused with a one-line ``VitqcError`` naming the head:
-VT-ADL for now (its SSIM image score, from ``pytorch_msssim``, builds its Gaussian window
-at run time and the TorchScript exporter refuses a convolution with a kernel of unknown
-shape).
+Every head exports (VT-ADL's SSIM window is a fixed buffer of the head, so the graph
+holds a constant kernel). A head outside ``EXPORTABLE_HEADS``, or a model without a
+calibrated threshold, is refused with a one-line ``VitqcError``.
 The knn head's distances are matrix products over fixed blocks of its memory bank
 (``KNNHead.forward``), so the traced graph is valid for every batch size and never uses
 ``torch.cdist``.
@@ -64,7 +63,7 @@ __all__ = [
 ]
 
 OPSET = 17
-EXPORTABLE_HEADS = ("gaussian", "knn", "flow", "gmm")
+EXPORTABLE_HEADS = ("gaussian", "knn", "flow", "gmm", "vtadl")
 
 
 class ExportGraph(nn.Module):

@@ -180,6 +180,7 @@ IMAGE_SCORES = ("loss", "map_max")
 ANOMALY_MAPS = ("nll", "residual")
 DECODER_LAYERS = 5
 SSIM_DATA_RANGE = 2.0  # images normalized to [-1, 1]
+SSIM_WINDOW_SIGMA = 1.5  # pytorch_msssim's default
 
 
 def preset_for_size(height: int, width: int) -> str:
@@ -337,6 +338,16 @@ class VTADLHead(Head):
         self.anomaly_map = str(values["anomaly_map"])
         self.reduction = str(values["reduction"])
         n_tokens = self.grid[0] * self.grid[1]
+        # SSIM's Gaussian window (pytorch_msssim's: sigma 1.5, at most 11 taps, one per
+        # channel), fixed here rather than rebuilt from each batch's shape, so that the
+        # exported graph holds a constant kernel; not saved (it follows from the sizes)
+        taps = min(11, (min(height, width_px) - 1) // 2 * 2 + 1)
+        window = torch.signal.windows.gaussian(taps, std=SSIM_WINDOW_SIGMA)
+        window = (window / window.sum()).view(1, 1, 1, taps)
+        channels = self.feature_channels[0]
+        self.register_buffer(
+            "ssim_window", window.repeat(channels, 1, 1, 1).contiguous(), persistent=False
+        )
         with torch.random.fork_rng():
             torch.manual_seed(self.seed)
             self.encoder = ViTEncoder(
@@ -409,11 +420,12 @@ class VTADLHead(Head):
         x = features[0]
         tokens = self.embeddings(x)
         recon = self.reconstruct_from_tokens(tokens)
-        win = min(11, (min(x.shape[-2:]) - 1) // 2 * 2 + 1)
         return {
             "nll": self.patch_nll(tokens),
             "mse": (recon - x).pow(2).flatten(1).mean(1),
-            "ssim": ssim(recon, x, data_range=SSIM_DATA_RANGE, size_average=False, win_size=win),
+            "ssim": ssim(
+                recon, x, data_range=SSIM_DATA_RANGE, size_average=False, win=self.ssim_window
+            ),
             "recon": recon,
         }
 
