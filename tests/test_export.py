@@ -307,3 +307,44 @@ def test_vtadl_exports_with_parity_and_an_uncalibrated_model_is_refused(tmp_path
     torch_map = operator_score(maps, model.map_low, model.threshold).numpy()
     assert float(np.abs(out["map"] - torch_map).max()) <= 1e-3
     assert _rel(runtime.run(x[:1].numpy())["score"], out["score"][:1]) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "backbone",
+    [
+        "tf_efficientnet_lite1",
+        "vit_small_patch14_dinov2",
+        "deit_base_distilled_patch16_224",
+        "swin_tiny_patch4_window7_224",
+        "efficientformer_l3",
+        "resnet50",
+    ],
+)
+def test_every_registered_backbone_exports(backbone, tmp_path):
+    """Random weights: the graph, not the accuracy (lite0 and pixels are covered above).
+    The gaussian head on the backbone's default layers, prepared on random images."""
+    from vitqc.backbones import create_backbone
+    from vitqc.calibration import Calibration
+    from vitqc.heads import create_head
+    from vitqc.scoring import AnomalyModel
+
+    extractor = create_backbone(backbone, weights="random")
+    x = torch.rand(4, 3, *extractor.input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        features = extractor(x)
+    head = create_head(
+        "gaussian", [f.shape[1] for f in features], [tuple(f.shape[-2:]) for f in features]
+    )
+    head.prepare(features)
+    model = AnomalyModel(Preprocessor.for_backbone(extractor), extractor, head).eval()
+    with torch.no_grad():
+        maps, scores = model(x[:2])
+    low = float(maps.min())
+    model.set_calibration(
+        Calibration(threshold=float(scores.mean()), map_low=low, map_high=low + 1)
+    )
+    runtime = ExportedModel(export_onnx(model, tmp_path / "m.onnx", {}), threads=1)
+    out = runtime.run(x[:2].numpy())
+    assert _rel(out["score"], scores.numpy()) <= 1e-4, backbone
+    torch_map = operator_score(maps, model.map_low, model.threshold).numpy()
+    assert float(np.abs(out["map"] - torch_map).max()) <= 1e-3, backbone

@@ -409,3 +409,26 @@ def test_per_layer_whitening_fits_a_56x56_stride4_grid_in_bounded_memory():
     head.prepare(train)
     with torch.no_grad():
         assert head([f[:2] for f in train]).shape == (2, 56, 56)
+
+
+def test_gaussian_head_keeps_a_seeded_channel_subset_where_whitening_would_not_fit():
+    """DeiT's 768 channels on 14 x 14 would need 116 M whitening values: the head keeps
+    the most channels that fit (PaDiM's random reduction); narrow layers keep them all."""
+    from vitqc.heads.base import MAX_WHITENING_VALUES
+    from vitqc.heads.gaussian import whitened_channels
+
+    assert whitened_channels([40, 112], [(28, 28), (14, 14)]) == [40, 112]
+    kept = whitened_channels([768], [(14, 14)])
+    assert kept[0] < 768 and kept[0] ** 2 * 196 <= MAX_WHITENING_VALUES
+    assert (kept[0] + 1) ** 2 * 196 > MAX_WHITENING_VALUES
+    head = create_head("gaussian", [768], [(14, 14)])
+    again = create_head("gaussian", [768], [(14, 14)])
+    assert head.channels_0.numel() == kept[0] and torch.equal(head.channels_0, again.channels_0)
+    features = [torch.randn(6, 768, 14, 14)]
+    head.prepare(features)
+    assert head(features).shape == (6, 14, 14)
+    # the subset travels with the weights; a narrow head's state dict has no subset
+    assert "channels_0" in head.state_dict()
+    assert not any(
+        k.startswith("channels_") for k in create_head("gaussian", [40], [(8, 8)]).state_dict()
+    )
