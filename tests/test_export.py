@@ -220,10 +220,9 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
         assert needle in err, err
 
 
+@pytest.mark.parametrize("exported", ["knn"], indirect=True)  # one head is enough here
 def test_runtime_cli_runs_without_torch(exported, images, tmp_path):
     head, model, _, onnx_path, runtime = exported
-    if head != "knn":
-        pytest.skip("one head is enough for the command line")
     folder = tmp_path / "in"
     folder.mkdir()
     for p in images:
@@ -260,10 +259,9 @@ def test_runtime_cli_runs_without_torch(exported, images, tmp_path):
     assert_one_line_error(run_runtime(plain, images[0]), "not a vitqc model")
 
 
+@pytest.mark.parametrize("exported", ["gaussian"], indirect=True)  # one head is enough here
 def test_vitqc_export_command(exported, tmp_path):
     head, _, bundle_dir, onnx_path, runtime = exported
-    if head != "gaussian":
-        pytest.skip("one head is enough for the command line")
     out = tmp_path / "cli.onnx"
     proc = subprocess.run(
         [sys.executable, "-m", "vitqc.cli", "export", str(bundle_dir), "--out", str(out)],
