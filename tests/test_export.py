@@ -346,3 +346,20 @@ def test_every_registered_backbone_exports(backbone, tmp_path):
     assert _rel(out["score"], scores.numpy()) <= 1e-4, backbone
     torch_map = operator_score(maps, model.map_low, model.threshold).numpy()
     assert float(np.abs(out["map"] - torch_map).max()) <= 1e-3, backbone
+
+
+def test_runtime_matches_predict_on_real_images(exported, tmp_path):
+    """Real magnetic_tile photos (grayscale JPEGs of varying sizes, resized by the
+    runtime's Pillow path and by torch): the same scores and decisions as predict."""
+    from conftest import MAGNETIC_TILE, require
+
+    test_dir = require(MAGNETIC_TILE) / "test"
+    files = sorted((test_dir / "good").glob("*"))[:3]
+    files += sorted(p for d in test_dir.iterdir() if d.name != "good" for p in d.glob("*"))[:3]
+    head, model, _, _, runtime = exported
+    predicted = predict_images(model, files, tmp_path / "predict")
+    rows = list(runtime.score_files(files))
+    for r, p in zip(rows, predicted, strict=True):
+        assert r["score"] == pytest.approx(p["score"], rel=1e-4), (head, r["file"])
+        assert r["defective"] == p["defective"], (head, r["file"])
+        assert r["normalized_score"] == pytest.approx(p["normalized_score"], abs=1e-5)
