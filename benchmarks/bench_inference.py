@@ -4,8 +4,10 @@ alone and the full model (backbone + head + maps + calibration).
 Fits each head briefly on a small synthetic dataset (latency does not depend on how well
 a head is trained), exports it with ``vitqc.export`` (and the preprocessing + backbone
 alone the same way), then times both with vitqc's own latency probe (median of repeats).
-ONNX Runtime gets as many threads as torch. Run:
+ONNX Runtime gets as many threads as torch. With ``--data`` the timed batches are that
+dataset's test images (resized to the input size) instead of synthetic ones. Run:
 .venv/bin/python benchmarks/bench_inference.py [--backbone NAME] [--heads flow,gmm,knn]
+    [--data ../shared/data/kolektorsdd --cache-dir DIR]
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import torch
 from torch import nn
 
 from vitqc.bench.timing import measure_latency, time_per_image_ms
+from vitqc.data.io import load_image
 from vitqc.data.layouts import load_dataset
 from vitqc.data.synth import generate_synthetic
+from vitqc.data.transforms import resize_batch
 from vitqc.export import OPSET, export_onnx
 from vitqc.pipeline import FitOptions, fit
 from vitqc.scoring import AnomalyModel
@@ -63,12 +67,11 @@ def _export_backbone(model: AnomalyModel, path: Path) -> Path:
     return path
 
 
-def _ort_ms(session: ort.InferenceSession, size: tuple[int, int]) -> dict[int, float]:
-    gen = torch.Generator().manual_seed(0)
+def _ort_ms(session: ort.InferenceSession, images: torch.Tensor) -> dict[int, float]:
     return {
         bs: time_per_image_ms(
             lambda t: session.run(None, {"image": t.numpy()}),
-            torch.rand(bs, 3, *size, generator=gen),
+            images[torch.arange(bs) % images.shape[0]],
             min_seconds=2.0,
             min_repeats=5,
         )
@@ -85,13 +88,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--heads", default="flow,gmm,knn")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="time on this dataset's test images (default: synthetic)",
+    )
+    parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder")
     args = parser.parse_args()
     print(f"torch threads: {torch.get_num_threads()} (ONNX Runtime {ort.__version__}: the same)")
     with tempfile.TemporaryDirectory() as tmp:
-        root = generate_synthetic(
+        root = args.data or generate_synthetic(
             Path(tmp) / "data", n_train=40, n_test_good=2, n_test_defective=2, size=224, seed=0
         )
         dataset = load_dataset(root)
+        print(f"images: {len(dataset.test[:32])} test images of {root}, resized to the input size")
         print(f"{'model':<34}{'ms b1':>10}{'ms b32':>11}{'img/s b1':>10}{'img/s b32':>11}")
         backbone_done = False
         for head in args.heads.split(","):
@@ -101,18 +112,18 @@ def main() -> None:
                 epochs=2,
                 patience=2,
                 folds=0,
-                cache_dir=Path(tmp) / "cache",
+                cache_dir=args.cache_dir or Path(tmp) / "cache",
                 progress=False,
             )
             model, _ = fit(dataset, opts)
-            lat = measure_latency(model, BATCHES, min_seconds=2.0, min_repeats=5)
+            images = resize_batch([load_image(x) for x in dataset.test[:32]], model.input_size)
+            lat = measure_latency(model, BATCHES, min_seconds=2.0, min_repeats=5, images=images)
             onnx_path = export_onnx(model, Path(tmp) / f"{head}.onnx", {})
-            ort_full = _ort_ms(_session(onnx_path), model.input_size)
+            ort_full = _ort_ms(_session(onnx_path), images)
             if not backbone_done:
                 backbone_done = True
                 ort_bb = _ort_ms(
-                    _session(_export_backbone(model, Path(tmp) / "backbone.onnx")),
-                    model.input_size,
+                    _session(_export_backbone(model, Path(tmp) / "backbone.onnx")), images
                 )
                 print(
                     _row(

@@ -394,6 +394,17 @@ def test_latency_keeps_what_it_could_measure():
     with pytest.raises(RuntimeError):
         measure_latency(Broken(), (1,), min_seconds=0, min_repeats=1)
     assert count_parameters(Broken()) == 3 * 4 * 9 + 4
+    # given images (fewer than a batch) are repeated to fill each batch
+    seen: list[tuple[int, ...]] = []
+
+    class Spy(Broken):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append(tuple(x.shape))
+            return x
+
+    images = torch.rand(3, 3, 8, 8)
+    measure_latency(Spy(), (5,), min_seconds=0, min_repeats=1, images=images)
+    assert seen and all(shape == (5, 3, 8, 8) for shape in seen)
 
 
 def test_time_budget_is_part_of_the_cell(tmp_path):

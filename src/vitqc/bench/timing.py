@@ -83,13 +83,15 @@ def measure_latency(
     max_repeats: int = 20,
     min_repeats: int = 3,
     errors: list[str] | None = None,
+    images: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """``{backbone_ms_b<N>, pipeline_ms_b<N>}`` for an ``AnomalyModel`` on ``device``.
 
-    The input is random pixels in [0, 1] at the model's input size: latency does not
-    depend on image content. The model is moved back to the CPU afterwards. With an
-    ``errors`` list, a measurement that fails (e.g. a part of the pipeline that does not
-    run on that device) is reported there and the others are still returned.
+    The input is ``images`` (``[M, 3, h, w]`` in [0, 1] at the input size, repeated to
+    fill a batch) or random pixels: latency does not depend on image content. The model
+    is moved back to the CPU afterwards. With an ``errors`` list, a measurement that
+    fails (e.g. a part of the pipeline that does not run on that device) is reported
+    there and the others are still returned.
     """
     dev = torch.device(device)
     model.eval()
@@ -99,7 +101,10 @@ def measure_latency(
         h, w = model.input_size
         gen = torch.Generator().manual_seed(0)
         for bs in batch_sizes:
-            x = torch.rand(bs, 3, h, w, generator=gen).to(dev)
+            if images is None:
+                x = torch.rand(bs, 3, h, w, generator=gen).to(dev)
+            else:
+                x = images[torch.arange(bs) % images.shape[0]].to(dev)
             parts: tuple[tuple[str, Callable[[torch.Tensor], Any]], ...] = (
                 ("backbone", lambda t: model.extractor(model.preprocessor(t))),
                 ("pipeline", model),
