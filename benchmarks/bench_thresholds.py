@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vitqc.backbones.cache import FeatureCache
 from vitqc.calibration import fit_calibration
 from vitqc.data.layouts import load_dataset
 from vitqc.metrics import f1_precision_recall
@@ -44,6 +45,7 @@ def main() -> None:
     warnings.simplefilter("ignore", UserWarning)  # the rows below say what each rule did
     dataset = load_dataset(args.data, category=args.category, seed=0)
     labels = np.array([s.label for s in dataset.test])
+    cache = FeatureCache(args.cache_dir)
     rows = []
     print(
         f"{dataset.name}: {len(dataset.train)} train + {len(dataset.val)} val good; test "
@@ -59,8 +61,8 @@ def main() -> None:
         options = FitOptions(head=head, cache_dir=args.cache_dir, progress=False)
         model, report = fit(dataset, options)
         fit_seconds = time.perf_counter() - start
-        scores, _ = score_samples(model, dataset.test, cache=options_cache(options))
-        val_scores, _ = score_samples(model, dataset.val, cache=options_cache(options))
+        scores, _ = score_samples(model, dataset.test, cache=cache)
+        val_scores, _ = score_samples(model, dataset.val, cache=cache)
         rules = {
             "validation": fit_calibration(val_scores),
             "out-of-fold": report.calibration,
@@ -107,12 +109,6 @@ def main() -> None:
             )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
-
-
-def options_cache(options: FitOptions):
-    from vitqc.backbones.cache import FeatureCache
-
-    return FeatureCache(options.cache_dir) if options.cache_dir else FeatureCache()
 
 
 if __name__ == "__main__":

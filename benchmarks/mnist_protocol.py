@@ -86,7 +86,7 @@ def run_digit(root: Path, digit: int, options: FitOptions, args: argparse.Namesp
     # cache backbone features (shared by every digit); raw pixels are cheaper to recompute
     cache = None
     if options.backbone != "pixels":
-        cache = FeatureCache(args.cache_dir) if args.cache_dir else FeatureCache()
+        cache = FeatureCache(args.cache_dir)
     scores, _ = score_samples(model, ds.test, cache=cache, progress=False)
     labels = np.array([s.label for s in ds.test])
     row: dict[str, Any] = {

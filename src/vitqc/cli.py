@@ -308,24 +308,16 @@ def fit(
 
 def _describe_threshold(cal) -> str:
     from vitqc.calibration import INTERVAL_LEVEL
-    from vitqc.report.evaluation import RULE_LABELS
+    from vitqc.report.evaluation import describe_rule
 
-    text = f"threshold {cal.threshold:.4g} (rule {cal.method}: {RULE_LABELS[cal.method]}"
-    if cal.method == "fpr":
-        text += f", target {cal.target_fpr:.2%}"
-        if cal.requested_target_fpr:
-            text += f" instead of {cal.requested_target_fpr:.2%}: too few good images"
-    elif cal.val_f1 is not None:
-        text += f", F1 {cal.val_f1:.3f} recall {cal.val_recall:.3f} there"
-    text += f"); from {cal.n_normal} {cal.normal_source} good-image scores"
+    text = f"threshold {cal.threshold:.4g} ({describe_rule(cal)}); from {cal.n_normal} "
+    text += f"{cal.normal_source} good-image scores"
     if cal.fpr_interval is not None:
         lo, hi = cal.fpr_interval
         text += (
             f": a new good part is rejected with probability {cal.expected_fpr:.2%} "
             f"({INTERVAL_LEVEL:.0%} interval {lo:.2%}-{hi:.2%})"
         )
-    if cal.min_area:
-        text += f"; flagged only with a region of at least {cal.min_area:g} px"
     return text
 
 
@@ -362,7 +354,7 @@ def evaluate(
     dataset = _load_dataset(data, fmt, category, normal_class, seed)
     if not dataset.test:
         raise VitqcError(f"no test images found in {data}")
-    cache = FeatureCache(cache_dir) if cache_dir else FeatureCache()
+    cache = FeatureCache(cache_dir)
     start = time.perf_counter()
     scores, score_maps = score_samples(model, dataset.test, cache=cache)
     min_area = float(model.min_area)

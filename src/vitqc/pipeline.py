@@ -252,7 +252,7 @@ class _ModelSearch:
         self.image_size = options.image_size
         if self.image_size is None and self.backbone == "pixels" and dataset.native_size:
             self.image_size = dataset.native_size  # e.g. 28 px digits stay 28 px
-        self.cache = FeatureCache(options.cache_dir) if options.cache_dir else FeatureCache()
+        self.cache = FeatureCache(options.cache_dir)
         self.feature_seconds = 0.0
         self._extractors: dict[tuple[int, ...] | None, Any] = {}
         self._features: dict[tuple[int, ...] | None, _Features] = {}

@@ -212,8 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.threshold is not None and not np.isfinite(args.threshold):
             raise VitqcError(f"--threshold must be a finite number, got {args.threshold}")
         model = ExportedModel(args.model, threads=args.threads)
-        expand_inputs(args.inputs)  # every input checked before the first line is printed
-        for row in model.score_files(args.inputs, args.threshold, args.min_area, args.batch_size):
+        files = expand_inputs(args.inputs)  # every input checked before the first line
+        for row in model.score_files(files, args.threshold, args.min_area, args.batch_size):
             print(json.dumps(row), flush=True)
     except VitqcError as exc:
         print(f"error: {exc}", file=sys.stderr)

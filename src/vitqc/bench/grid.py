@@ -542,7 +542,7 @@ def run_cell(
     )
     model, report = fit(dataset, options)
     start = time.perf_counter()
-    cache = FeatureCache(cache_dir) if cache_dir else FeatureCache()
+    cache = FeatureCache(cache_dir)
     scores, maps = score_samples(model, dataset.test, cache=cache, progress=progress)
     result = evaluate_predictions(
         dataset.test, scores, list(maps) if dataset.has_masks else None, float(model.threshold)

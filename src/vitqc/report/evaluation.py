@@ -167,6 +167,21 @@ RULE_LABELS = {
 }
 
 
+def describe_rule(calibration: Calibration) -> str:
+    """The decision rule in words, as ``fit`` and ``evaluate`` print it."""
+    cal = calibration
+    text = f"rule {cal.method} ({RULE_LABELS.get(cal.method, cal.method)})"
+    if cal.method == "fpr":
+        text += f", target {cal.target_fpr:.2%}"
+        if cal.requested_target_fpr:
+            text += f" (requested {cal.requested_target_fpr:.2%}: too few good images)"
+    elif cal.val_f1 is not None:
+        text += f", validation F1 {cal.val_f1:.3f}"
+    if cal.min_area:
+        text += f", flagged only with a region of at least {cal.min_area:g} px"
+    return text
+
+
 def threshold_check(calibration: Calibration, labels: Any, flagged: Any) -> dict[str, Any]:
     """What the stored threshold promised against what the test split shows: the FPR
     interval a new good image should expect, the number of the m good test images it
@@ -178,6 +193,7 @@ def threshold_check(calibration: Calibration, labels: Any, flagged: Any) -> dict
     out: dict[str, Any] = {
         "rule": calibration.method,
         "rule_label": RULE_LABELS.get(calibration.method, calibration.method),
+        "rule_description": describe_rule(calibration),
         "target_fpr": calibration.target_fpr,
         "requested_target_fpr": calibration.requested_target_fpr,
         "normal_source": calibration.normal_source,
@@ -204,16 +220,7 @@ def threshold_check(calibration: Calibration, labels: Any, flagged: Any) -> dict
 def format_threshold_check(check: dict[str, Any]) -> str:
     """The check as a few plain lines for the terminal."""
     source = f"{check['n_normal']} {check['normal_source']} good-image scores"
-    rule = check["rule"]
-    head = f"decision at the stored threshold: rule {rule} ({check['rule_label']})"
-    if rule == "fpr":
-        head += f", target {check['target_fpr']:.2%}"
-        if check.get("requested_target_fpr"):
-            head += f" (requested {check['requested_target_fpr']:.2%}: too few good images)"
-    elif check.get("val_f1") is not None:
-        head += f", validation F1 {check['val_f1']:.3f}"
-    if check.get("min_area"):
-        head += f", regions of at least {check['min_area']:g} px"
+    head = f"decision at the stored threshold: {check['rule_description']}"
     lines = [head]
     m = check["n_test_good"]
     if check.get("fpr_interval") is not None:
