@@ -431,6 +431,56 @@ def export(
 
 
 @app.command()
+def serve(
+    model: Annotated[
+        Path, typer.Argument(help="model directory from `vitqc fit` or MODEL.onnx from export")
+    ],
+    host: Annotated[
+        str, typer.Option(help="address to listen on (0.0.0.0: every network)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (0: any free port)")] = 8000,
+    workers: Annotated[int, typer.Option(help="inference workers (images scored at once)")] = 1,
+    max_queue: Annotated[
+        int, typer.Option(help="requests waiting for a worker; beyond: 503 with Retry-After")
+    ] = 8,
+    threads: Annotated[
+        int | None, typer.Option(help="onnxruntime threads per worker (default: cores/workers)")
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="VITQC_API_KEY",
+            show_envvar=True,
+            help="require this key (header X-API-Key) on /predict, /predict/batch, /model",
+        ),
+    ] = None,
+    log_results: Annotated[
+        Path | None, typer.Option(help="append every decision to this file as a JSON line")
+    ] = None,
+    max_body_mb: Annotated[float, typer.Option(help="largest request body (413 above)")] = 20.0,
+    max_pixels: Annotated[
+        int, typer.Option(help="largest image, width x height from its header (413 above)")
+    ] = 40_000_000,
+) -> None:
+    """Serve a model over HTTP: POST /predict, /predict/batch; GET /health, /model, /docs."""
+    from vitqc.serve.server import run_server
+
+    run_server(
+        model,
+        echo=_echo,
+        host=host,
+        port=port,
+        workers=workers,
+        max_queue=max_queue,
+        threads=threads,
+        api_key=api_key,
+        log_results=log_results,
+        max_body_mb=max_body_mb,
+        max_pixels=max_pixels,
+    )
+
+
+@app.command()
 def inspect(
     data: DataArg,
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,

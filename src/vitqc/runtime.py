@@ -135,8 +135,11 @@ class ExportedModel:
         images: Sequence[np.ndarray],
         threshold: float | None = None,
         min_area: float | None = None,
+        maps: bool = False,
     ) -> list[dict[str, Any]]:
-        """Rows for uint8 images of any size (one graph call for the batch)."""
+        """Rows for uint8 images of any size (one graph call for the batch). With
+        ``maps``, each row also holds ``map``: the graph's ``[h, w]`` anomaly map (float32,
+        the operator scale of the stored threshold)."""
         if not images:
             return []
         thr = self.threshold if threshold is None else float(threshold)
@@ -165,6 +168,8 @@ class ExportedModel:
             }
             if areas is not None:
                 row.update(min_area_px=area, largest_region_px=float(areas[i]))
+            if maps:
+                row["map"] = out["map"][i]
             rows.append(row)
         return rows
 

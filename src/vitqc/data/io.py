@@ -25,12 +25,19 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as img:
-            img.load()
-            rgb = img.convert("RGB")
+            return image_array(img)
     except FileNotFoundError as exc:
         raise VitqcError(f"image not found: {path}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise VitqcError(f"cannot read image {path}: not a valid image file") from exc
+
+
+def image_array(img: Image.Image) -> np.ndarray:
+    """An opened Pillow image decoded as uint8 RGB ``[H, W, 3]`` (grayscale and palette
+    images converted by Pillow): what ``read_image`` returns, also for images that were
+    not read from a file (the service's uploads)."""
+    img.load()
+    rgb = img.convert("RGB")
     return np.array(rgb, dtype=np.uint8)  # a writable copy (asarray of a PIL image is read-only)
 
 
