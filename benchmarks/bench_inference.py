@@ -1,13 +1,23 @@
 """Inference speed: torch beside ONNX Runtime, ms per image at batch 1 and 32, backbone
-alone and the full model (backbone + head + maps + calibration).
+alone and the full model (backbone + head + maps + calibration), and the ratios issue 19
+sets goals for.
 
 Fits each head briefly on a small synthetic dataset (latency does not depend on how well
 a head is trained), exports it with ``vitqc.export`` (and the preprocessing + backbone
 alone the same way), then times both with vitqc's own latency probe (median of repeats).
 ONNX Runtime gets as many threads as torch. With ``--data`` the timed batches are that
-dataset's test images (resized to the input size) instead of synthetic ones. Run:
+dataset's test images (resized to the input size) instead of synthetic ones, and the
+heads are fitted on it; ``--bundle HEAD=DIR`` times an already fitted model instead
+(e.g. a knn model with the dataset's full memory bank). A head may be a variant
+(``knn:search=faiss-hnsw``). The exported graph always searches exactly (``exact``).
+
+Printed per model: ms per image, and the full model over the backbone alone ("x bb") at
+batch 1 and 32 in each runtime; the goals: the head adds at most 15 % (knn, gmm,
+gaussian), the flow at most its share of the FLOPs plus 15 % (FLOPs of backbone and head
+printed, counted by ``torch.utils.flop_counter``), and batch 32 per image not above
+batch 1. Run:
 .venv/bin/python benchmarks/bench_inference.py [--backbone NAME] [--heads flow,gmm,knn]
-    [--data ../shared/data/kolektorsdd --cache-dir DIR]
+    [--data ../shared/data/kolektorsdd --cache-dir DIR] [--bundle knn=DIR]
 """
 
 from __future__ import annotations
@@ -20,13 +30,16 @@ from pathlib import Path
 import onnxruntime as ort
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from vitqc.bench.timing import measure_latency, time_per_image_ms
+from vitqc.bundle import load_bundle
 from vitqc.data.io import load_image
 from vitqc.data.layouts import load_dataset
 from vitqc.data.synth import generate_synthetic
 from vitqc.data.transforms import resize_batch
 from vitqc.export import OPSET, export_onnx
+from vitqc.heads import parse_head
 from vitqc.pipeline import FitOptions, fit
 from vitqc.scoring import AnomalyModel
 
@@ -79,9 +92,22 @@ def _ort_ms(session: ort.InferenceSession, images: torch.Tensor) -> dict[int, fl
     }
 
 
-def _row(name: str, ms_b1: float, ms_b32: float, note: str = "") -> str:
-    rates = f"{1000 / ms_b1:>10.1f}{1000 / ms_b32:>11.1f}"
-    return f"{name:<34}{ms_b1:>10.2f}{ms_b32:>11.2f}{rates}{note}"
+def _row(name: str, ms: dict[int, float], base: dict[int, float] | None, goal: str = "") -> str:
+    ratios = "" if base is None else "".join(f"{ms[b] / base[b]:>9.2f}" for b in BATCHES)
+    b32_ok = "yes" if ms[32] <= ms[1] else "NO"
+    return f"{name:<40}{ms[1]:>9.2f}{ms[32]:>9.2f}{ratios or ' ' * 18}{b32_ok:>10}  {goal}"
+
+
+def _flops(fn, *args) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def _goal(head: str, ratios: tuple[float, float], flops_share: float) -> str:
+    limit = 1.15 + (flops_share if head == "flow" else 0.0)
+    met = "met" if max(ratios) <= limit else "NOT met"
+    return f"goal x bb <= {limit:.2f}: {met}"
 
 
 def main() -> None:
@@ -95,7 +121,11 @@ def main() -> None:
         help="time on this dataset's test images (default: synthetic)",
     )
     parser.add_argument("--cache-dir", type=Path, default=None, help="feature cache folder")
+    parser.add_argument(
+        "--bundle", action="append", default=[], help="HEAD=DIR: time this fitted model"
+    )
     args = parser.parse_args()
+    bundles = dict(item.split("=", 1) for item in args.bundle)
     print(f"torch threads: {torch.get_num_threads()} (ONNX Runtime {ort.__version__}: the same)")
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or generate_synthetic(
@@ -103,40 +133,45 @@ def main() -> None:
         )
         dataset = load_dataset(root)
         print(f"images: {len(dataset.test[:32])} test images of {root}, resized to the input size")
-        print(f"{'model':<34}{'ms b1':>10}{'ms b32':>11}{'img/s b1':>10}{'img/s b32':>11}")
-        backbone_done = False
+        print(f"{'model':<40}{'ms b1':>9}{'ms b32':>9}{'x bb b1':>9}{'x bb b32':>9}{'b32<=b1':>10}")
+        base: dict[str, dict[int, float]] = {}
         for head in args.heads.split(","):
-            opts = FitOptions(
-                backbone=args.backbone,
-                head=head,
-                epochs=2,
-                patience=2,
-                folds=0,
-                cache_dir=args.cache_dir or Path(tmp) / "cache",
-                progress=False,
-            )
-            model, _ = fit(dataset, opts)
+            name, options = parse_head(head)
+            if head in bundles:
+                model, _ = load_bundle(bundles[head])
+            else:
+                opts = FitOptions(
+                    backbone=args.backbone,
+                    head=name,
+                    head_options=options,
+                    epochs=2,
+                    patience=2,
+                    folds=0,
+                    cache_dir=args.cache_dir or Path(tmp) / "cache",
+                    progress=False,
+                )
+                model, _ = fit(dataset, opts)
+            model.eval()
             images = resize_batch([load_image(x) for x in dataset.test[:32]], model.input_size)
             lat = measure_latency(model, BATCHES, min_seconds=2.0, min_repeats=5, images=images)
-            onnx_path = export_onnx(model, Path(tmp) / f"{head}.onnx", {})
+            onnx_path = export_onnx(model, Path(tmp) / f"{name}.onnx", {})
             ort_full = _ort_ms(_session(onnx_path), images)
-            if not backbone_done:
-                backbone_done = True
-                ort_bb = _ort_ms(
-                    _session(_export_backbone(model, Path(tmp) / "backbone.onnx")), images
-                )
-                print(
-                    _row(
-                        f"{args.backbone} (backbone) torch",
-                        lat["backbone_ms_b1"],
-                        lat["backbone_ms_b32"],
-                    )
-                )
-                print(_row(f"{args.backbone} (backbone) onnxrt", ort_bb[1], ort_bb[32]))
-            p1, p32 = lat["pipeline_ms_b1"], lat["pipeline_ms_b32"]
-            print(_row(f"  + {head} torch", p1, p32))
-            speedup = f"   (x{p1 / ort_full[1]:.2f} b1, x{p32 / ort_full[32]:.2f} b32 vs torch)"
-            print(_row(f"  + {head} onnxrt", ort_full[1], ort_full[32], speedup))
+            features = model.features(images[:1])
+            bb_flops = _flops(_Backbone(model), images[:1])
+            share = _flops(model.head, features) / bb_flops
+            if not base:
+                base["torch"] = {b: lat[f"backbone_ms_b{b}"] for b in BATCHES}
+                path = _export_backbone(model, Path(tmp) / "backbone.onnx")
+                base["onnxrt"] = _ort_ms(_session(path), images)
+                print(f"backbone FLOPs per image: {bb_flops / 1e9:.2f} G")
+                for runtime in ("torch", "onnxrt"):
+                    print(_row(f"{model.extractor.name} (backbone) {runtime}", base[runtime], None))
+            full = {"torch": {b: lat[f"pipeline_ms_b{b}"] for b in BATCHES}, "onnxrt": ort_full}
+            print(f"  {head}: head FLOPs {share:.1%} of the backbone's")
+            for runtime, ms in full.items():
+                ratios = (ms[1] / base[runtime][1], ms[32] / base[runtime][32])
+                goal = _goal(name, ratios, share)
+                print(_row(f"  + {head} {runtime}", ms, base[runtime], goal))
 
 
 if __name__ == "__main__":

@@ -172,6 +172,25 @@ def test_package_extractor_matches_full_model(x224: torch.Tensor) -> None:
         assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_cpu_batches_run_in_micro_batches_with_the_same_features() -> None:
+    """A batch larger than MICRO_BATCH runs in chunks (channels-last for CNNs): each
+    image gets the features it gets alone, and the outputs are plain contiguous tensors."""
+    from vitqc.backbones.extractor import MICRO_BATCH
+
+    ext = create_backbone(LITE0, weights="random")
+    assert ext.channels_last and not create_backbone(DEIT, weights="random").channels_last
+    x = torch.rand(2 * MICRO_BATCH + 1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    whole = ext(x)
+    with torch.no_grad():
+        ref = ext.model.forward_intermediates(x, indices=list(ext.layers), **ext._fi_kwargs)
+    for got, want in zip(whole, ref, strict=True):
+        assert got.is_contiguous() and got.shape[0] == x.shape[0]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for i in (0, MICRO_BATCH, 2 * MICRO_BATCH):
+        for got, alone in zip(whole, ext(x[i : i + 1]), strict=True):
+            torch.testing.assert_close(got[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
 def _perturbed_lite0() -> torch.nn.Module:
     torch.manual_seed(7)
     return timm.create_model(LITE0, pretrained=False).eval()

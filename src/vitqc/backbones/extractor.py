@@ -62,6 +62,11 @@ def feature_info_of(model: nn.Module) -> list[dict[str, Any]]:
     return [dict(f) for f in info]
 
 
+#: Images per backbone call on the CPU: a CNN's activations for a batch of 32 leave the
+#: cache, and its time per image grows with the batch (``benchmarks/bench_inference.py``).
+MICRO_BATCH = 4
+
+
 class FeatureExtractor(nn.Module):
     """Frozen, always-eval backbone: ``forward(x) -> list[Tensor[B, C, h, w]]`` (float32).
 
@@ -121,6 +126,11 @@ class FeatureExtractor(nn.Module):
         if "stop_early" in params:
             kwargs["stop_early"] = True
         self._fi_kwargs = kwargs
+        # CNNs run channels-last: depthwise convolutions (EfficientNet-Lite) are faster
+        # that way on a CPU, and their per-image time no longer grows with the batch.
+        self.channels_last = family == "cnn"
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
         self.model = model
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -132,11 +142,21 @@ class FeatureExtractor(nn.Module):
         return super().train(False)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Features of ``x``; on the CPU a large batch runs ``MICRO_BATCH`` images at a
+        time (a trace, i.e. the ONNX export, takes the batch whole)."""
+        chunks = [x]
+        if x.shape[0] > MICRO_BATCH and x.device.type == "cpu" and not torch.jit.is_tracing():
+            chunks = list(x.split(MICRO_BATCH))
         with torch.inference_mode():
-            feats = self.model.forward_intermediates(
-                x, indices=list(self.layers), **self._fi_kwargs
-            )
-            feats = [f.float().contiguous() for f in feats]
+            parts = [
+                self.model.forward_intermediates(
+                    c.contiguous(memory_format=torch.channels_last) if self.channels_last else c,
+                    indices=list(self.layers),
+                    **self._fi_kwargs,
+                )
+                for c in chunks
+            ]
+            feats = [torch.cat(layer).float().contiguous() for layer in zip(*parts, strict=True)]
         # Inference tensors cannot be saved for backward; a trainable head (e.g. a
         # LayerNorm on the features) needs normal tensors, hence the clone outside.
         return [f.clone() for f in feats]

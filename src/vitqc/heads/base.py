@@ -179,9 +179,12 @@ class FeatureStandardizer(nn.Module):
             mean, std = getattr(self, f"mean_{i}"), getattr(self, f"std_{i}")
             if self.mode == "position-whiten":
                 b, c, h, w = f.shape
-                x = ((f - mean) / std).flatten(2)  # [B, C, P]
-                z = torch.einsum("pdc,bcp->bdp", getattr(self, f"whitening_{i}"), x)
-                out.append(z.reshape(b, c, h, w))
+                x = ((f - mean) / std).flatten(2).permute(2, 1, 0).contiguous()  # [P, C, B]
+                # one matrix product per position on contiguous operands, the stored
+                # [P, C, C] used in place (einsum copied it on every call, and a strided
+                # right-hand side makes bmm copy it position by position)
+                z = torch.bmm(getattr(self, f"whitening_{i}"), x)  # [P, C, B]
+                out.append(z.permute(2, 1, 0).reshape(b, c, h, w))
             elif self.mode == "position":
                 out.append((f - mean) / std)
             elif self.mode == "whiten":

@@ -153,9 +153,8 @@ class MixtureDensity(nn.Module):
             if self._inference_terms is None:
                 with torch.no_grad():
                     params = [t.double() for t in self.parameters_for(self.position)]
-                    self._inference_terms = _shared_mixture_terms(*params)
-            nll = _shared_mixture_nll_from_terms(x.double(), *self._inference_terms)
-            return nll.to(x.dtype)
+                    self._inference_terms = _inference_terms(*params)
+            return _inference_nll(x.double(), *self._inference_terms).to(x.dtype)
         return _shared_mixture_nll_from_terms(x, *terms)
 
     def train(self, mode: bool = True) -> MixtureDensity:
@@ -192,6 +191,31 @@ def _component_log_joint(
         + mean_sq
     )
     return log_norm - 0.5 * quad.clamp_min(0)
+
+
+def _inference_terms(
+    logits: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mixture laid out for ``_inference_nll``: ``[P, 2D, K]`` weights of
+    ``[x^2, x]`` (one batched matrix product per call, nothing copied), ``[P, K]``
+    constants and log normalizers."""
+    inv_var, mean_inv_var, mean_sq, log_norm = _shared_mixture_terms(logits, mean, std)
+    weights = torch.cat([inv_var, -2 * mean_inv_var], -1).transpose(1, 2).contiguous()
+    return weights, mean_sq, log_norm
+
+
+def _inference_nll(
+    x: torch.Tensor, weights: torch.Tensor, mean_sq: torch.Tensor, log_norm: torch.Tensor
+) -> torch.Tensor:
+    """``_shared_mixture_nll_from_terms`` for ``x [B, P, D]`` with the terms of
+    ``_inference_terms`` (per position, ``P`` of them, or shared, one)."""
+    b, p, _ = x.shape
+    a = torch.cat([x.pow(2), x], -1)
+    if weights.shape[0] == 1:  # one mixture for every position
+        quad = (a.reshape(b * p, -1) @ weights[0]).reshape(b, p, -1)
+    else:
+        quad = torch.bmm(a.transpose(0, 1), weights).transpose(0, 1)
+    return -torch.logsumexp(log_norm - 0.5 * (quad + mean_sq).clamp_min(0), dim=-1)
 
 
 def _shared_mixture_nll_from_terms(x: torch.Tensor, *terms: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,13 @@ import torch
 
 from vitqc.errors import VitqcError
 from vitqc.heads.base import FeatureStandardizer, Head, concat_at_finest
+from vitqc.heads.neighbours import (
+    SEARCHES,
+    SearchParams,
+    build_index,
+    exact_min_sq_distances,
+    index_min_sq_distances,
+)
 
 
 def greedy_coreset(
@@ -69,10 +76,6 @@ def greedy_coreset(
     return selected
 
 
-#: Bank entries per distance block: ``[patches in the batch, BANK_BLOCK]`` at a time.
-BANK_BLOCK = 4096
-
-
 class KNNHead(Head):
     name = "knn"
     trainable = False
@@ -89,8 +92,16 @@ class KNNHead(Head):
         fuse: bool = False,
         seed: int = 0,
         bank_size: int = 0,
+        search: str = "exact",
+        ef_search: int = SearchParams.ef_search,
+        nprobe: int = SearchParams.nprobe,
     ) -> None:
         super().__init__(feature_channels, feature_sizes)
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
+        self.search = search
+        self.search_params = SearchParams(ef_search=ef_search, nprobe=nprobe, seed=seed)
+        self._index: tuple[tuple[int, int, int], object] | None = None
         self.standardization, self.fuse = standardize, fuse
         self.standardize = (
             FeatureStandardizer(feature_channels, self.feature_sizes, standardize, fuse=fuse)
@@ -121,24 +132,32 @@ class KNNHead(Head):
         idx = greedy_coreset(patches, n_select, self.projection_dim, seed=self.seed)
         self.bank = patches[idx].clone()
 
+    def index(self) -> object:
+        """The faiss index over the bank, built when first needed and rebuilt whenever
+        the bank changes (``prepare``, ``load_state_dict``); never stored."""
+        key = (id(self.bank), self.bank._version, self.bank.data_ptr())
+        if self._index is None or self._index[0] != key:
+            bank = self.bank.detach().float().cpu().numpy()
+            self._index = (key, build_index(bank, self.search, self.search_params))
+        return self._index[1]
+
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Distance of each patch to its nearest bank entry: squared distances by matrix
-        products (no ``torch.cdist``, which ONNX cannot hold), the minimum taken over
-        fixed blocks of ``BANK_BLOCK`` bank entries, so that nothing depends on the
-        batch size and the exported graph (``vitqc.export``) is this code traced."""
+        """Distance of each patch to its nearest bank entry. The exact search (and any
+        export, which traces it: ``vitqc.export``) takes matrix products over fixed
+        blocks of the bank; the faiss modes search their index on the CPU."""
         emb = self._embeddings(features)
         d, h, w = emb.shape[1], emb.shape[2], emb.shape[3]
         queries = emb.permute(0, 2, 3, 1).reshape(-1, d)
-        q_sq = queries.pow(2).sum(1, keepdim=True)
-        bank = self.bank.float()
-        if bank.shape[0] == 0:
+        if self.bank.shape[0] == 0:
             raise VitqcError("the knn head has an empty memory bank: prepare() it first")
-        best = None
-        for start in range(0, int(bank.shape[0]), BANK_BLOCK):
-            part = bank[start : start + BANK_BLOCK]
-            d2 = (q_sq - 2 * queries @ part.T + part.pow(2).sum(1)[None]).min(1).values
-            best = d2 if best is None else torch.minimum(best, d2)
-        return best.clamp_min(0).sqrt().reshape(-1, h, w)
+        if self.search == "exact" or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            d2 = exact_min_sq_distances(queries, self.bank.float())
+        else:
+            found = index_min_sq_distances(
+                self.index(), queries.detach().float().cpu().numpy(), torch.get_num_threads()
+            )
+            d2 = torch.from_numpy(found).to(queries.device).clamp_min(0)
+        return d2.sqrt().reshape(-1, h, w)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -150,4 +169,7 @@ class KNNHead(Head):
             "fuse": self.fuse,
             "seed": self.seed,
             "bank_size": int(self.bank.shape[0]),
+            "search": self.search,
+            "ef_search": self.search_params.ef_search,
+            "nprobe": self.search_params.nprobe,
         }
