@@ -44,6 +44,7 @@ from vitqc.pipeline import FitOptions, fit
 from vitqc.scoring import AnomalyModel
 
 BATCHES = (1, 32)
+SEARCH_OPTIONS = {"search", "ef_search", "nprobe"}
 
 
 class _Backbone(nn.Module):
@@ -137,8 +138,11 @@ def main() -> None:
         base: dict[str, dict[int, float]] = {}
         for head in args.heads.split(","):
             name, options = parse_head(head)
-            if head in bundles:
-                model, _ = load_bundle(bundles[head])
+            if head in bundles or (name in bundles and set(options) <= SEARCH_OPTIONS):
+                # a search variant of a fitted knn model: the same bank, searched otherwise
+                model, _ = load_bundle(bundles.get(head, bundles.get(name)))
+                if options:
+                    model.head.set_search(**options)
             else:
                 opts = FitOptions(
                     backbone=args.backbone,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +36,11 @@ METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 def _set_mode(head, mode: str) -> None:
     search, _, option = mode.partition(":")
-    params = head.search_params
+    params = {}
     if option:
         key, _, value = option.partition("=")
-        params = replace(params, **{key: int(value)})
-    head.search, head.search_params, head._index = search, params, None
+        params[key] = int(value)
+    head.set_search(search, **params)
 
 
 def main() -> None:

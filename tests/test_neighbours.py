@@ -102,6 +102,10 @@ def test_knn_head_search_modes() -> None:
     torch.testing.assert_close(heads["faiss-flat"](test), exact, rtol=1e-4, atol=1e-4)
     for search in ("faiss-hnsw", "faiss-ivf"):
         assert torch.all(heads[search](test) >= exact - 1e-4)
+    switched = heads["faiss-ivf"]
+    switched.set_search("faiss-ivf", nprobe=10_000)  # every list scanned: exact
+    torch.testing.assert_close(switched(test), exact, rtol=1e-4, atol=1e-4)
+    assert switched.config()["nprobe"] == 10_000
 
     # a head rebuilt from the exact head's state searches the new bank, not a stale one
     rebuilt = create_head(

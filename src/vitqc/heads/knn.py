@@ -20,6 +20,7 @@ PatchCore embedding.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -131,6 +132,14 @@ class KNNHead(Head):
         n_select = max(1, min(self.max_bank, round(self.coreset_ratio * patches.shape[0])))
         idx = greedy_coreset(patches, n_select, self.projection_dim, seed=self.seed)
         self.bank = patches[idx].clone()
+
+    def set_search(self, search: str, **params: int) -> None:
+        """Search the same bank another way (``ef_search``, ``nprobe``: ``SearchParams``)."""
+        if search not in SEARCHES:
+            raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
+        self.search = search
+        self.search_params = replace(self.search_params, **params)
+        self._index = None
 
     def index(self) -> object:
         """The faiss index over the bank, built when first needed and rebuilt whenever
