@@ -86,8 +86,29 @@ def benchmark(
     keep_models: Annotated[
         bool | None, typer.Option("--keep-models/--no-keep-models", help="keep every bundle")
     ] = None,
+    executor: Annotated[
+        str, typer.Option(help="local (cells one after the other here) or ray (a Ray cluster)")
+    ] = "local",
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address, HOST:PORT or auto (--executor ray)")
+    ] = None,
+    cpus_per_task: Annotated[
+        float | None, typer.Option(help="CPUs per Ray task, one task per category x backbone")
+    ] = None,
+    gpus_per_task: Annotated[float | None, typer.Option(help="GPUs per Ray task (0)")] = None,
+    max_retries: Annotated[
+        int | None, typer.Option(help="resubmissions of a Ray task whose worker was lost (2)")
+    ] = None,
+    artifacts: Annotated[
+        Path | None,
+        typer.Option(
+            help="curves/galleries folder (default beside the database); with Ray, a "
+            "folder every node shares: workers write there instead of sending the files"
+        ),
+    ] = None,
 ) -> None:
     """Run a grid of datasets x backbones x heads; one database row per cell, resumable."""
+    from vitqc.bench.executors import make_executor
     from vitqc.bench.grid import (
         PRESETS,
         load_config_file,
@@ -125,7 +146,22 @@ def benchmark(
     db_path = Path(db or file_cfg.get("db") or DEFAULT_DB)
     cache = cache_dir or (Path(file_cfg["cache_dir"]) if file_cfg.get("cache_dir") else None)
     retry = retry_failed or bool(file_cfg.get("retry_failed"))
-    summary = run_grid(spec, db_path, retry_failed=retry, cache_dir=cache, echo=typer.echo)
+    runner = make_executor(
+        executor,
+        address=address,
+        cpus_per_task=cpus_per_task,
+        gpus_per_task=gpus_per_task,
+        max_retries=max_retries,
+    )
+    summary = run_grid(
+        spec,
+        db_path,
+        retry_failed=retry,
+        cache_dir=cache,
+        echo=typer.echo,
+        executor=runner,
+        artifacts_dir=artifacts,
+    )
     typer.echo(summary.line())
     for label, error in summary.errors:
         typer.echo(f"failed: {label}: {error}")

@@ -5,6 +5,8 @@ scoring, evaluation, curves and gallery, timing, bundle size, then one row writt
 the results store in one transaction. Cells are ordered so that all heads of one
 (category, backbone) run back to back against the same content-keyed feature cache:
 the backbone runs once per image and the other heads read its features from disk.
+Such a group is the unit an executor runs (``executors.py``: in this process, or one Ray
+task per group on a cluster); whichever runs it, this process alone writes the database.
 
 Resuming: a cell's identity is the hash of its configuration (``Cell.key``). A rerun of
 the same grid skips cells whose row is ``ok``; cells whose row is ``error`` are skipped
@@ -16,22 +18,26 @@ database only ever holds whole cells.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from vitqc.bench.store import now_iso, open_store, to_json
 from vitqc.errors import VitqcError
 from vitqc.heads import parse_head
+
+if TYPE_CHECKING:
+    from vitqc.bench.executors import Executor
 
 # --------------------------------------------------------------------------- presets
 
@@ -649,6 +655,146 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}{where}"
 
 
+@dataclass
+class CellResult:
+    """A finished cell as the driver stores it: its row, its per-defect rows and, from a
+    worker that does not share the artifacts folder, its artifact files (path under the
+    artifacts folder -> bytes)."""
+
+    cell: Cell
+    key: str
+    row: dict[str, Any]
+    per_defect: dict[str, dict[str, Any]]
+    files: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.row.get("status") == "ok"
+
+
+#: Cells of one (data root, category, backbone with its layers and weights), in run order.
+CellGroup = list[tuple[Cell, str]]
+
+
+def feature_key(cell: Cell, spec: GridSpec) -> tuple[Any, ...]:
+    """What the backbone's features depend on: cells with the same key share them."""
+    weights = cell.backbone.weights or spec.weights
+    return (cell.data, cell.category, cell.backbone.name, cell.backbone.layers, weights)
+
+
+def group_cells(pending: Iterable[tuple[Cell, str]], spec: GridSpec) -> list[CellGroup]:
+    """Pending cells grouped by :func:`feature_key`, groups in order of first appearance."""
+    groups: dict[tuple[Any, ...], CellGroup] = {}
+    for cell, key in pending:
+        groups.setdefault(feature_key(cell, spec), []).append((cell, key))
+    return list(groups.values())
+
+
+def error_row(
+    cell: Cell,
+    key: str,
+    spec: GridSpec,
+    message: str,
+    *,
+    dataset: Any = None,
+    machine: Mapping[str, Any] | None = None,
+    created_at: str | None = None,
+) -> dict[str, Any]:
+    """The row of a failed cell (``machine``: the columns of the host that ran it)."""
+    from vitqc.bench.tables import model_label
+
+    loaded = dataset is not None and not isinstance(dataset, BaseException)
+    name = dataset.name if loaded else cell.data.name
+    category = dataset.category if loaded else cell.category or cell.data.name
+    row = {
+        "cell_key": key,
+        "config_json": to_json(cell.config(spec)),
+        "created_at": created_at or now_iso(),
+        **(machine or {}),
+        **_identity(cell, str(name), str(category)),
+        "layers": list(cell.backbone.layers) if cell.backbone.layers else None,
+        "weights": cell.backbone.weights or spec.weights,
+        "status": "error",
+        "error": message,
+    }
+    row["method"] = model_label(row)
+    return row
+
+
+CellRunner = Callable[..., tuple[dict[str, Any], dict[str, dict[str, Any]]]]
+
+
+def run_group(
+    spec: GridSpec,
+    cells: CellGroup,
+    artifacts_root: Path,
+    cache_dir: Path | None,
+    *,
+    progress: bool = True,
+    cell_runner: CellRunner = run_cell,
+    datasets: dict[tuple[Path, str | None], Any] | None = None,
+    on_start: Callable[[Cell], None] | None = None,
+) -> Iterator[CellResult]:
+    """Run one group's cells in order and yield each cell's result as it finishes.
+
+    The cell code of every executor (in process or on a Ray worker): the first cell that
+    succeeds extracts the features, the others read them from the cache; a failing cell
+    becomes an error row and the group goes on. ``datasets`` carries loaded datasets
+    from one group to the next (one category in memory at a time).
+    """
+    from vitqc.data.layouts import load_dataset
+
+    machine = _machine_columns(spec)
+    datasets = {} if datasets is None else datasets
+    extracted = False
+    for cell, key in cells:
+        if on_start is not None:
+            on_start(cell)
+        ds_key = (cell.data, cell.category)
+        if ds_key not in datasets:
+            datasets.clear()
+            try:
+                datasets[ds_key] = load_dataset(
+                    cell.data,
+                    format=spec.format,
+                    category=cell.category,
+                    val_fraction=spec.val_fraction,
+                    seed=spec.seed,
+                )
+            except Exception as exc:
+                datasets[ds_key] = exc
+        dataset = datasets[ds_key]
+        created_at = now_iso()
+        try:
+            if isinstance(dataset, Exception):
+                raise dataset
+            row, per_defect = cell_runner(
+                cell, spec, dataset, artifacts_root, cache_dir, key, progress=progress
+            )
+            row = {
+                "cell_key": key,
+                "config_json": to_json(cell.config(spec)),
+                "created_at": created_at,
+                **machine,
+                **row,
+                "status": "ok",
+                "features_reused": int(extracted),
+            }
+            extracted = True
+        except Exception as exc:
+            row = error_row(
+                cell,
+                key,
+                spec,
+                _error_text(exc),
+                dataset=dataset,
+                machine=machine,
+                created_at=created_at,
+            )
+            per_defect = {}
+        yield CellResult(cell, key, row, per_defect)
+
+
 def run_grid(
     spec: GridSpec,
     db_path: str | Path,
@@ -657,19 +803,25 @@ def run_grid(
     cache_dir: str | Path | None = None,
     progress: bool = True,
     echo: Callable[[str], None] | None = None,
-    cell_runner: Callable[..., tuple[dict[str, Any], dict[str, dict[str, Any]]]] = run_cell,
+    cell_runner: CellRunner = run_cell,
+    executor: Executor | None = None,
+    artifacts_dir: str | Path | None = None,
 ) -> GridSummary:
     """Run every unfinished cell of the grid; one transaction per finished cell.
 
     ``cache_dir``: the feature cache shared by all cells (default: the user cache,
     ``$VITQC_CACHE``). ``cell_runner`` is the per-cell work (replaceable in tests).
+    ``executor`` runs the groups of cells (``executors.LocalExecutor``, the default, or
+    ``executors.RayExecutor``); whichever it is, this process alone writes the database,
+    one cell at a time as results arrive. ``artifacts_dir``: where curves and galleries
+    go (default: beside the database; fixed by a database's first run).
     """
-    from vitqc.bench.tables import model_label
-    from vitqc.data.layouts import load_dataset
+    from vitqc.bench.executors import LocalExecutor, write_artifact_files
 
     start = time.perf_counter()
     cells = expand_grid(spec)
-    if spec.timing and spec.device.startswith("cuda"):
+    executor = executor or LocalExecutor()
+    if spec.timing and spec.device.startswith("cuda") and isinstance(executor, LocalExecutor):
         import torch
 
         if not torch.cuda.is_available():
@@ -677,6 +829,8 @@ def run_grid(
     summary = GridSummary(total=len(cells))
     cache = Path(cache_dir).expanduser() if cache_dir else None
     with open_store(db_path) as store:
+        if artifacts_dir is not None:
+            store.use_artifacts_dir(artifacts_dir)
         artifacts_root = store.artifacts_dir
         artifacts_root.mkdir(parents=True, exist_ok=True)
         pending: list[tuple[Cell, str]] = []
@@ -695,7 +849,13 @@ def run_grid(
                 f"earlier{'' if retry_failed else ' (skipped; --retry-failed reruns them)'}, "
                 f"{len(pending)} to run"
             )
-        machine = _machine_columns(spec)
+
+        def say(text: str) -> None:  # above the progress bar, or through echo
+            if progress:
+                tqdm.write(text)
+            elif echo:
+                echo(text)
+
         bar = tqdm(
             total=len(cells),
             initial=len(cells) - len(pending),
@@ -704,72 +864,32 @@ def run_grid(
             disable=not progress,
             dynamic_ncols=True,
         )
-        datasets: dict[tuple[Path, str | None], Any] = {}
-        extracted: set[tuple[Any, ...]] = set()
+        results = executor.run(
+            spec,
+            group_cells(pending, spec),
+            artifacts_root=artifacts_root,
+            shared_artifacts=artifacts_dir is not None,
+            cache_dir=cache,
+            progress=progress,
+            cell_runner=cell_runner,
+            on_start=lambda cell: bar.set_postfix_str(cell.label(), refresh=True),
+            echo=say if echo else None,
+        )
         try:
-            for cell, key in pending:
-                bar.set_postfix_str(cell.label(), refresh=True)
-                ds_key = (cell.data, cell.category)
-                if ds_key not in datasets:
-                    datasets.clear()  # one category in memory at a time
-                    try:
-                        datasets[ds_key] = load_dataset(
-                            cell.data,
-                            format=spec.format,
-                            category=cell.category,
-                            val_fraction=spec.val_fraction,
-                            seed=spec.seed,
-                        )
-                    except Exception as exc:
-                        datasets[ds_key] = exc
-                dataset = datasets[ds_key]
-                feat_key = (
-                    cell.data,
-                    cell.category,
-                    cell.backbone.name,
-                    cell.backbone.layers,
-                    cell.backbone.weights or spec.weights,
-                )
-                base = {
-                    "cell_key": key,
-                    "config_json": to_json(cell.config(spec)),
-                    "created_at": now_iso(),
-                    **machine,
-                }
-                try:
-                    if isinstance(dataset, Exception):
-                        raise dataset
-                    row, per_defect = cell_runner(
-                        cell, spec, dataset, artifacts_root, cache, key, progress=progress
-                    )
-                    row = {
-                        **base,
-                        **row,
-                        "status": "ok",
-                        "features_reused": int(feat_key in extracted),
-                    }
-                    extracted.add(feat_key)
-                    summary.ok += 1
-                except Exception as exc:
-                    name = getattr(dataset, "name", cell.data.name)
-                    category = getattr(dataset, "category", cell.category or cell.data.name)
-                    row = {
-                        **base,
-                        **_identity(cell, str(name), str(category)),
-                        "layers": list(cell.backbone.layers) if cell.backbone.layers else None,
-                        "weights": cell.backbone.weights or spec.weights,
-                        "status": "error",
-                        "error": _error_text(exc),
-                    }
-                    row["method"] = model_label(row)
-                    per_defect = {}
-                    summary.failed += 1
-                    summary.errors.append((cell.label(), row["error"]))
-                    if echo:
-                        tqdm.write(f"cell failed: {cell.label()}: {row['error']}")
-                store.record(row, per_defect)
-                summary.ran += 1
-                bar.update(1)
+            with contextlib.closing(results):
+                for result in results:
+                    if result.files:  # before the row, so that a row never points to nothing
+                        write_artifact_files(artifacts_root, result.files)
+                    if result.ok:
+                        summary.ok += 1
+                    else:
+                        summary.failed += 1
+                        summary.errors.append((result.cell.label(), result.row["error"]))
+                        if echo:
+                            say(f"cell failed: {result.cell.label()}: {result.row['error']}")
+                    store.record(result.row, result.per_defect)
+                    summary.ran += 1
+                    bar.update(1)
         finally:
             bar.close()
             summary.seconds = time.perf_counter() - start

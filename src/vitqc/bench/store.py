@@ -24,7 +24,8 @@ Schema (version ``SCHEMA_VERSION``, also in ``PRAGMA user_version`` and table ``
 ``per_defect``
     ``(run_id, defect_type)`` -> ``image_auroc``, ``n_test``.
 ``meta``
-    key/value: ``schema_version``, ``created_at``.
+    key/value: ``schema_version``, ``created_at``, and ``artifacts_dir`` when the first
+    run chose the artifacts folder (``--artifacts``).
 """
 
 from __future__ import annotations
@@ -233,7 +234,33 @@ class ResultsStore:
 
     @property
     def artifacts_dir(self) -> Path:
-        return artifacts_dir_for(self.path)
+        """``<stem>_artifacts/`` beside the database, or the folder its first run chose."""
+        chosen = self.meta("artifacts_dir")
+        return Path(chosen) if chosen else artifacts_dir_for(self.path)
+
+    def use_artifacts_dir(self, folder: str | Path) -> Path:
+        """Keep the artifacts in ``folder`` (``--artifacts``), fixed by the first run: rows
+        point into one folder, so another folder for a database with rows is refused."""
+        folder = Path(folder).expanduser().resolve()
+        current = self.artifacts_dir.resolve()
+        if folder != current:
+            (n,) = self.conn.execute("SELECT COUNT(*) FROM runs").fetchone()
+            if n:
+                raise VitqcError(
+                    f"{self.path} keeps its artifacts in {current}: pass --artifacts "
+                    f"{current} or use a new --db"
+                )
+        if folder != artifacts_dir_for(self.path).resolve() or self.meta("artifacts_dir"):
+            with self.transaction() as conn:
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('artifacts_dir', ?)",
+                    (str(folder),),
+                )
+        return folder
+
+    def meta(self, key: str) -> str | None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
 
     # ----------------------------------------------------------------- writes
 

@@ -149,12 +149,16 @@ def device_name(device: str = "cpu") -> str:
 
 
 def machine_facts(device: str = "cpu") -> dict[str, Any]:
-    """Everything that makes timings comparable or not, stored with every run."""
+    """Everything that makes timings comparable or not, stored with every run, and the
+    host that ran it (a grid on a Ray cluster runs its cells on several machines)."""
+    import socket
+
     import timm
 
     from vitqc import __version__
 
     return {
+        "hostname": socket.gethostname(),
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
