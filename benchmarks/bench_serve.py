@@ -22,12 +22,10 @@ import http.client
 import io
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
 import time
-import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -35,6 +33,7 @@ import numpy as np
 from PIL import Image
 
 from vitqc.data.io import expand_inputs
+from vitqc.data.synth import png_bomb
 
 KEY = "bench-key"
 
@@ -50,20 +49,6 @@ def rss_mb(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        crc = struct.pack(">I", zlib.crc32(kind + data))
-        return struct.pack(">I", len(data)) + kind + data + crc
-
-    packer = zlib.compressobj(9)
-    row = b"\0" * (1 + (width + 7) // 8)
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-    )
 
 
 def post(conn: http.client.HTTPConnection, body: bytes, headers: dict[str, str]) -> int:

@@ -10,11 +10,9 @@ import io
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from PIL import Image
 
 from vitqc.bundle import load_bundle, save_bundle
 from vitqc.data.layouts import load_dataset
+from vitqc.data.synth import png_bomb
 from vitqc.export import export_bundle
 from vitqc.pipeline import FitOptions, fit, predict_images
 from vitqc.runtime import ExportedModel
@@ -89,23 +88,6 @@ def multipart(parts: list[tuple[str, str, bytes]]) -> tuple[bytes, str]:
         )
     chunks.append(f"--{boundary}--\r\n".encode())
     return b"".join(chunks), f"multipart/form-data; boundary={boundary}"
-
-
-def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
-    """A valid 1-bit PNG of ``width`` x ``height`` black pixels: tens of KB of file."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    packer = zlib.compressobj(9)
-    row = b"\0" * (1 + (width + 7) // 8)
-    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-    )
 
 
 def free_port() -> int:

@@ -15,6 +15,8 @@ timestamps: the same arguments give byte-identical files.
 from __future__ import annotations
 
 import math
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -304,3 +306,21 @@ def generate_synthetic(
             _save_png(image, img_dir / f"{idx:03d}.png")
             _save_png(mask.astype(np.uint8) * 255, mask_dir / f"{idx:03d}_mask.png")
     return target
+
+
+def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
+    """A valid 1-bit PNG of ``width`` x ``height`` black pixels in tens of KB: a
+    decompression bomb for testing image-size limits (the service's ``--max-pixels``)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    packer = zlib.compressobj(9)
+    row = b"\0" * (1 + (width + 7) // 8)
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
