@@ -162,7 +162,7 @@ def main() -> None:
             ort_full = _ort_ms(_session(onnx_path), images)
             features = model.features(images[:1])
             bb_flops = _flops(_Backbone(model), images[:1])
-            share = _flops(model.head, features) / bb_flops
+            share = _flops(model.head, features) / bb_flops  # faiss searches: not counted
             if not base:
                 base["torch"] = {b: lat[f"backbone_ms_b{b}"] for b in BATCHES}
                 path = _export_backbone(model, Path(tmp) / "backbone.onnx")
@@ -171,7 +171,8 @@ def main() -> None:
                 for runtime in ("torch", "onnxrt"):
                     print(_row(f"{model.extractor.name} (backbone) {runtime}", base[runtime], None))
             full = {"torch": {b: lat[f"pipeline_ms_b{b}"] for b in BATCHES}, "onnxrt": ort_full}
-            print(f"  {head}: head FLOPs {share:.1%} of the backbone's")
+            counted = "" if getattr(model.head, "search", "exact") == "exact" else " (faiss: n/a)"
+            print(f"  {head}: head FLOPs {share:.1%} of the backbone's{counted}")
             for runtime, ms in full.items():
                 ratios = (ms[1] / base[runtime][1], ms[32] / base[runtime][32])
                 goal = _goal(name, ratios, share)
