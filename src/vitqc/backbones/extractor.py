@@ -64,7 +64,7 @@ def feature_info_of(model: nn.Module) -> list[dict[str, Any]]:
 
 #: Images per backbone call on the CPU: a CNN's activations for a batch of 32 leave the
 #: cache, and its time per image grows with the batch (``benchmarks/bench_inference.py``).
-MICRO_BATCH = 4
+MICRO_BATCH = 2
 
 
 class FeatureExtractor(nn.Module):
