@@ -68,8 +68,10 @@ def main() -> None:
     h, w = model.input_size
     x1 = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     x32 = x1.repeat(32, 1, 1, 1)
-    backbone = lambda t: model.extractor(model.preprocessor(t))  # noqa: E731
-    bb = {1: time_per_image_ms(backbone, x1, min_repeats=5), 32: time_per_image_ms(backbone, x32)}
+    bb = {
+        1: time_per_image_ms(model.features, x1, min_repeats=5),
+        32: time_per_image_ms(model.features, x32),
+    }
     print(
         f"{args.data.name}: bank {bank.shape[0]} x {bank.shape[1]}, {len(test)} test images, "
         f"{queries.shape[0]} recall queries; threads {torch.get_num_threads()}; backbone "

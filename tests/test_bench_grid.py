@@ -384,6 +384,9 @@ def test_latency_keeps_what_it_could_measure():
             self.preprocessor = nn.Identity()
             self.extractor = nn.Conv2d(3, 4, 3)
 
+        def features(self, x: torch.Tensor) -> torch.Tensor:  # as AnomalyModel.features
+            return self.extractor(self.preprocessor(x))
+
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             raise RuntimeError("head does not run here")
 

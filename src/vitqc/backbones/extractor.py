@@ -67,6 +67,13 @@ def feature_info_of(model: nn.Module) -> list[dict[str, Any]]:
 MICRO_BATCH = 2
 
 
+def micro_batches(x: torch.Tensor) -> list[torch.Tensor]:
+    """``x`` in chunks of ``MICRO_BATCH`` images on the CPU (whole on a GPU or in a trace)."""
+    if x.shape[0] > MICRO_BATCH and x.device.type == "cpu" and not torch.jit.is_tracing():
+        return list(x.split(MICRO_BATCH))
+    return [x]
+
+
 class FeatureExtractor(nn.Module):
     """Frozen, always-eval backbone: ``forward(x) -> list[Tensor[B, C, h, w]]`` (float32).
 
@@ -144,9 +151,7 @@ class FeatureExtractor(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Features of ``x``; on the CPU a large batch runs ``MICRO_BATCH`` images at a
         time (a trace, i.e. the ONNX export, takes the batch whole)."""
-        chunks = [x]
-        if x.shape[0] > MICRO_BATCH and x.device.type == "cpu" and not torch.jit.is_tracing():
-            chunks = list(x.split(MICRO_BATCH))
+        chunks = micro_batches(x)
         with torch.inference_mode():
             parts = [
                 self.model.forward_intermediates(

@@ -106,7 +106,7 @@ def measure_latency(
             else:
                 x = images[torch.arange(bs) % images.shape[0]].to(dev)
             parts: tuple[tuple[str, Callable[[torch.Tensor], Any]], ...] = (
-                ("backbone", lambda t: model.extractor(model.preprocessor(t))),
+                ("backbone", model.features),
                 ("pipeline", model),
             )
             for part, fn in parts:
