@@ -59,6 +59,10 @@ GRID = {
 }
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -142,7 +146,13 @@ class Cluster:
         command = [sys.executable, "-m", "vitqc.cli", "benchmark", *args]
         command += ["--executor", "ray", "--address", self.address]
         return subprocess.Popen(
-            command, stdout=out.open("w"), stderr=subprocess.STDOUT, env=self.env
+            command,
+            stdout=out.open("w"),
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            # a suite started in the background (a CI runner) ignores SIGINT, and the
+            # driver would inherit that: give it Ctrl-C as a terminal would
+            preexec_fn=_default_sigint,
         )
 
     def stop(self) -> None:
