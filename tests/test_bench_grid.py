@@ -33,7 +33,11 @@ from vitqc.errors import VitqcError
 from vitqc.heads import parse_head
 
 GRID_CONFIG = {
-    "backbones": [{"name": "test_resnet", "weights": "random"}, "no_such_backbone"],
+    "backbones": [
+        {"name": "test_resnet", "weights": "random"},
+        "no_such_backbone",
+        {"name": "test_resnet", "weights": "random", "image_size": 96, "heads": ["flow"]},
+    ],
     "heads": ["flow", "gmm", "gmm:conditioning=embedding"],
     "epochs": 1,
     "patience": 1,
@@ -80,18 +84,21 @@ def real_grid(data_root, tmp_path_factory) -> dict[str, Any]:
 def test_tiny_grid_fills_the_database(real_grid):
     result = real_grid["result"]
     assert result.exit_code == 1, result.output  # two cells fail on purpose
-    assert "6 cells: 3 ran ok, 3 failed" in result.output
+    assert "7 cells: 4 ran ok, 3 failed" in result.output
     with open_store(real_grid["db"], create=False) as store:
         assert store.integrity_ok()
         ok = store.runs("ok")
         errors = store.runs("error")
         root = store.artifacts_dir
-    # heads of one backbone back to back; a variant is its own method
-    assert [r["head"] for r in ok] == ["flow", "gmm", "gmm:conditioning=embedding"]
-    assert [r["config"]["head_options"].get("conditioning") for r in ok[1:]] == [
+    # heads of one backbone back to back; a variant is its own method, and so is a size
+    assert [r["head"] for r in ok] == ["flow", "gmm", "gmm:conditioning=embedding", "flow"]
+    assert [r["config"]["head_options"].get("conditioning") for r in ok[1:3]] == [
         None,
         "embedding",
     ]
+    assert [r["input_size"] for r in ok] == [[160, 160]] * 3 + [[96, 96]]
+    assert ok[3]["config"]["image_size"] == 96 and "image_size" not in ok[0]["config"]
+    assert "@96" in ok[3]["method"] and "@" not in ok[0]["method"]
     assert len(errors) == 3 and all("no_such_backbone" in e["error"] for e in errors)
     assert all(e["backbone"] == "no_such_backbone" for e in errors)
     for run in ok:
@@ -108,7 +115,7 @@ def test_tiny_grid_fills_the_database(real_grid):
             assert run[col] > 0, col
         assert run["backbone_params"] > 0 and run["head_params"] > 0
         assert run["bundle_bytes"] > 0
-        assert run["input_size"] == [160, 160] and run["feature_channels"]
+        assert run["feature_channels"]
         assert run["cpu_model"] and run["threads"] >= 1 and run["device"] == "cpu"
         assert run["torch_version"] and run["vitqc_version"] and run["created_at"]
         assert run["config"]["epochs"] == 1
@@ -119,7 +126,7 @@ def test_tiny_grid_fills_the_database(real_grid):
         for entry in curves["gallery"]:
             assert (root / entry["overlay"]).is_file() and (root / entry["image"]).is_file()
     # the second head read the first head's features from the cache
-    assert [r["features_reused"] for r in ok] == [0, 1, 1]
+    assert [r["features_reused"] for r in ok] == [0, 1, 1, 0]
     assert not list(root.glob(".bundle-*")), "temporary bundles are removed"
 
 
@@ -129,7 +136,7 @@ def test_rerun_skips_and_retry_failed(real_grid):
     runner = CliRunner()
     result = runner.invoke(_app(), real_grid["args"])
     assert result.exit_code == 0, result.output
-    assert "resuming: 3 cells done, 3 failed earlier" in result.output
+    assert "resuming: 4 cells done, 3 failed earlier" in result.output
     with open_store(real_grid["db"]) as store:
         assert {r["cell_key"]: r["id"] for r in store.runs(None)} == before
 
@@ -275,6 +282,12 @@ def test_backbone_choices_and_cell_keys(data_root):
     )
     with pytest.raises(VitqcError, match="layers"):
         BackboneChoice.parse("resnet50:x")
+    assert BackboneChoice.parse("dino:7@448") == BackboneChoice("dino", (7,), image_size=448)
+    assert BackboneChoice.parse("dino@448").label() == "dino @448"
+    with pytest.raises(VitqcError, match="image size of backbone 'dino'"):
+        BackboneChoice.parse("dino:7@big")
+    with pytest.raises(VitqcError, match="image size"):
+        BackboneChoice.parse({"name": "dino", "image_size": 0})
     spec = stub_spec(data_root, 2)
     cells = expand_grid(spec)
     assert [c.label() for c in cells] == [

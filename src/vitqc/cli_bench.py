@@ -36,7 +36,10 @@ def benchmark(
     ] = None,
     backbones: Annotated[
         str | None,
-        typer.Option(help="comma-separated backbones, NAME or NAME:LAYERS (e.g. resnet50:3+4)"),
+        typer.Option(
+            help="comma-separated backbones, NAME, NAME:LAYERS or NAME:LAYERS@SIZE (e.g. "
+            "resnet50:3+4, vit_small_patch14_dinov2:7@448)"
+        ),
     ] = None,
     heads: Annotated[
         str | None,
@@ -61,6 +64,13 @@ def benchmark(
         typer.Option(help="weights for one backbone, NAME=SOURCE (repeatable; e.g. EsViT)"),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="seed for the split and the heads")] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="input size for every backbone (default: each one's own)")
+    ] = None,
+    folds: Annotated[
+        int | None,
+        typer.Option(help="out-of-fold threshold folds (default: fit's; 0: validation only)"),
+    ] = None,
     image_score: Annotated[
         str | None, typer.Option(help="map -> image score: max (default), mean or top:F")
     ] = None,
@@ -134,6 +144,8 @@ def benchmark(
         "weights": weights,
         "backbone_weights": _parse_backbone_weights(backbone_weights),
         "seed": seed,
+        "image_size": image_size,
+        "folds": folds,
         "image_score": image_score,
         "format": fmt,
         "preset": preset,

@@ -116,21 +116,24 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class BackboneChoice:
-    """A backbone with its layers, weights source and (optionally) the heads it gets."""
+    """A backbone with its layers, weights source, input size and the heads it gets."""
 
     name: str
     layers: tuple[int, ...] | None = None
     weights: str | None = None
     heads: tuple[str, ...] | None = None
+    image_size: int | None = None  # None: the grid's image_size, else the backbone's own
 
     @classmethod
     def parse(cls, item: str | Mapping[str, Any]) -> BackboneChoice:
-        """``"name"``, ``"name:7"``, ``"name:2+3"`` or ``{name, layers, weights, heads}``."""
+        """``"name"``, ``"name:7"``, ``"name:2+3"``, ``"name:7@448"`` or a mapping with
+        keys name, layers, weights, heads, image_size."""
         if isinstance(item, Mapping):
-            unknown = set(item) - {"name", "layers", "weights", "heads"}
+            unknown = set(item) - {"name", "layers", "weights", "heads", "image_size"}
             if unknown or "name" not in item:
                 raise VitqcError(
-                    f"backbone entry {dict(item)!r}: expected keys name, layers, weights, heads"
+                    f"backbone entry {dict(item)!r}: expected keys name, layers, weights, "
+                    "heads, image_size"
                 )
             layers = item.get("layers")
             if isinstance(layers, str | int):
@@ -143,17 +146,24 @@ class BackboneChoice:
                 tuple(int(v) for v in layers) if layers is not None else None,
                 str(item["weights"]) if item.get("weights") is not None else None,
                 tuple(str(h) for h in heads) if heads else None,
+                _parse_size(item.get("image_size"), str(item["name"])),
             )
         text = str(item).strip()
         if not text:
             raise VitqcError("empty backbone name in --backbones")
+        text, _, size = text.partition("@")
         name, _, layers = text.partition(":")
-        return cls(name.strip(), _parse_layers(layers, name) if layers else None)
+        return cls(
+            name.strip(),
+            _parse_layers(layers, name) if layers else None,
+            image_size=_parse_size(size, name) if size else None,
+        )
 
     def label(self) -> str:
         from vitqc.bench.tables import layers_label
 
-        return self.name + (f" {layers_label(self.layers)}" if self.layers else "")
+        label = self.name + (f" {layers_label(self.layers)}" if self.layers else "")
+        return label + (f" @{self.image_size}" if self.image_size else "")
 
 
 def _split(text: str | Iterable[str] | None) -> list[str]:
@@ -161,6 +171,21 @@ def _split(text: str | Iterable[str] | None) -> list[str]:
         return []
     items = text.split(",") if isinstance(text, str) else [str(t) for t in text]
     return [t.strip() for t in items if str(t).strip()]
+
+
+def _parse_size(value: Any, name: str) -> int | None:
+    if value is None:
+        return None
+    try:
+        size = int(str(value).strip())
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise VitqcError(
+            f"image size of backbone {name!r} must be a positive integer, e.g. {name}@448, "
+            f"got {value!r}"
+        )
+    return size
 
 
 def _parse_layers(text: str, name: str) -> tuple[int, ...]:
@@ -191,6 +216,9 @@ class GridSpec:
     lr: float | None = None
     weight_decay: float | None = None
     weights: str = "default"
+    image_size: int | None = None  # None: each backbone's own input size
+    #: folds of the out-of-fold threshold (None: fit's default; 0: validation images only)
+    folds: int | None = None
     head_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     smoothing_sigma: float = 4.0
     image_score: str = "max"
@@ -220,6 +248,8 @@ _SPEC_KEYS = {
     "lr",
     "weight_decay",
     "weights",
+    "image_size",
+    "folds",
     "backbone_weights",
     "head_options",
     "smoothing_sigma",
@@ -343,6 +373,8 @@ def spec_from_config(config: Mapping[str, Any]) -> GridSpec:
         "lr": float,
         "weight_decay": float,
         "weights": str,
+        "image_size": int,
+        "folds": int,
         "smoothing_sigma": float,
         "image_score": str,
         "target_fpr": float,
@@ -405,6 +437,7 @@ class Cell:
             "backbone": self.backbone.name,
             "layers": list(self.backbone.layers) if self.backbone.layers else None,
             "weights": self.backbone.weights or spec.weights,
+            **({"image_size": size} if (size := self.image_size(spec)) else {}),
             "head": self.head_name,
             "head_options": {**spec.head_options.get(self.head_name, {}), **self.head_variant},
             "epochs": spec.epochs,
@@ -417,8 +450,12 @@ class Cell:
             "smoothing_sigma": spec.smoothing_sigma,
             **({"image_score": spec.image_score} if spec.image_score != "max" else {}),
             **({"max_minutes": spec.max_minutes} if spec.max_minutes is not None else {}),
+            **({"folds": spec.folds} if spec.folds is not None else {}),
             "target_fpr": spec.target_fpr,
         }
+
+    def image_size(self, spec: GridSpec) -> int | None:
+        return self.backbone.image_size or spec.image_size
 
     def key(self, spec: GridSpec) -> str:
         blob = json.dumps(self.config(spec), sort_keys=True, default=str)
@@ -531,6 +568,7 @@ def run_cell(
         backbone=cell.backbone.name,
         layers=cell.backbone.layers,
         weights=config["weights"],
+        image_size=cell.image_size(spec),
         head=cell.head_name,
         head_options=dict(config["head_options"]),
         epochs=spec.epochs,
@@ -543,6 +581,7 @@ def run_cell(
         smoothing_sigma=spec.smoothing_sigma,
         image_score=spec.image_score,
         target_fpr=spec.target_fpr,
+        **({"folds": spec.folds} if spec.folds is not None else {}),
         cache_dir=cache_dir,
         progress=progress,
     )
@@ -679,7 +718,14 @@ CellGroup = list[tuple[Cell, str]]
 def feature_key(cell: Cell, spec: GridSpec) -> tuple[Any, ...]:
     """What the backbone's features depend on: cells with the same key share them."""
     weights = cell.backbone.weights or spec.weights
-    return (cell.data, cell.category, cell.backbone.name, cell.backbone.layers, weights)
+    return (
+        cell.data,
+        cell.category,
+        cell.backbone.name,
+        cell.backbone.layers,
+        weights,
+        cell.image_size(spec),
+    )
 
 
 def group_cells(pending: Iterable[tuple[Cell, str]], spec: GridSpec) -> list[CellGroup]:

@@ -65,10 +65,19 @@ def layers_label(layers: Sequence[int] | None) -> str:
     return "i" + "+".join(str(int(v)) for v in layers)
 
 
+def size_label(run: dict[str, Any]) -> str:
+    """``@448`` when the grid set the input size, else empty (the backbone's own)."""
+    config = run.get("config") or run.get("config_json") or {}
+    size = config.get("image_size") if isinstance(config, dict) else None
+    return f"@{int(size)}" if size else ""
+
+
 def backbone_label(run: dict[str, Any]) -> str:
     parts = [str(run["backbone"])]
     if run.get("layers"):
         parts.append(layers_label(run["layers"]))
+    if size := size_label(run):
+        parts.append(size)
     if run.get("weights") not in (None, "", "default", "hub"):
         parts.append(f"({run['weights']})")
     return " ".join(parts)
@@ -79,6 +88,8 @@ def head_label(run: dict[str, Any]) -> str:
     label = str(run["head"])
     if run.get("layers"):
         label += " " + layers_label(run["layers"])
+    if size := size_label(run):
+        label += " " + size
     return label
 
 
