@@ -220,6 +220,36 @@ def test_flow_and_gmm_statistics_are_rated_on_the_gaussian_they_start_from(datas
     assert gmm.proxy["proxy"] == gmm.train.best_rating
 
 
+def test_the_chosen_head_takes_the_rated_gaussians_statistics(dataset, tmp_path, monkeypatch):
+    """Each whitening the GMM was rated with is fitted once: the chosen one is reused,
+    and it is exactly what fitting it again on the training features gives."""
+    from vitqc.heads.base import FeatureStandardizer
+    from vitqc.pipeline import FitOptions, _ModelSearch
+
+    fitted_modes: list[str] = []
+    real_fit = FeatureStandardizer.fit
+    monkeypatch.setattr(
+        FeatureStandardizer,
+        "fit",
+        lambda self, features: fitted_modes.append(self.mode) or real_fit(self, features),
+    )
+    model, report = _fit(dataset, tmp_path, head="gmm", epochs=0, head_options={"n_components": 4})
+    assert len(report.candidates) == 2  # per-position and position-free, each rated
+    assert sorted(fitted_modes) == ["position-whiten", "whiten"]  # and not fitted again
+    search = _ModelSearch(dataset, FitOptions(progress=False, cache_dir=tmp_path / "cache"))
+    train = search.features(None).train
+    kept = model.head.standardize
+    fresh = FeatureStandardizer(
+        model.head.feature_channels, model.head.feature_sizes, kept.mode, fuse=kept.fuse
+    )
+    real_fit(fresh, train)
+    assert fresh.same_statistics(kept)
+    for name, value in fresh.state_dict().items():
+        assert torch.equal(value, kept.state_dict()[name]), name
+    other = FeatureStandardizer(model.head.feature_channels, model.head.feature_sizes, "position")
+    assert not other.same_statistics(kept)
+
+
 def test_image_scores_of_one_model_share_its_maps_and_match_one_by_one(dataset, tmp_path):
     from vitqc.pipeline import FitOptions, _ModelSearch
 

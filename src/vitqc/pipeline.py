@@ -35,7 +35,7 @@ from vitqc.heads import (
     position_free_options,
     preview_head,
 )
-from vitqc.heads.base import Head
+from vitqc.heads.base import FeatureStandardizer, Head
 from vitqc.scoring import AnomalyModel, aggregate_maps
 from vitqc.training import TrainConfig, TrainResult, train_head
 
@@ -318,9 +318,11 @@ class _ModelSearch:
         overrides: dict[str, Any],
         preview: bool,
         train_features: list[torch.Tensor] | None = None,
+        fitted: FeatureStandardizer | None = None,
     ) -> AnomalyModel:
         """The candidate's head, prepared on the training features or ``train_features``
-        (``preview``: the cheaper stand-in ``heads.preview_head`` used only to rate it)."""
+        (``preview``: the cheaper stand-in ``heads.preview_head`` used only to rate it;
+        ``fitted``: statistics already fitted on the same features, e.g. the preview's)."""
         feats = self.features(cand.layers)
         train = feats.train if train_features is None else train_features
         name = cand.head
@@ -331,7 +333,7 @@ class _ModelSearch:
         sizes = [tuple(f.shape[-2:]) for f in train]
         torch.manual_seed(self.options.seed)  # before the head: initial weights, prepare()
         head = create_head(name, [f.shape[1] for f in train], sizes, **kwargs)
-        head.prepare(train)
+        head.prepare(train, fitted)
         return AnomalyModel(
             feats.preprocessor,
             feats.extractor,
@@ -378,8 +380,9 @@ class _ModelSearch:
         if key in previews and preview_head(cand.head, merged) == (cand.head, merged):
             model = previews[key]  # rated as it will be used: no second preparation
             model.image_score = cand.image_score
-        else:
-            model = self.build(cand, overrides, preview=False)
+        else:  # the rated preview's statistics are the chosen head's when of its kind
+            fitted = getattr(previews[key].head, "standardize", None) if key in previews else None
+            model = self.build(cand, overrides, preview=False, fitted=fitted)
         return model, cand, overrides, rated
 
 

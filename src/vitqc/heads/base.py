@@ -155,6 +155,25 @@ class FeatureStandardizer(nn.Module):
                 eigval = eigval.clamp_min(1e-4 * float(eigval.max()))
                 getattr(self, f"whitening_{i}").copy_((eigvec / eigval.sqrt()).T.float())
 
+    def same_statistics(self, other: FeatureStandardizer) -> bool:
+        """Whether ``other`` fitted on the same features holds exactly what ``fit`` would."""
+
+        def kind(s: FeatureStandardizer) -> tuple:
+            return (s.mode, s.fuse, s.ridge, s.shrink, s.out_channels, s.out_sizes)
+
+        return kind(self) == kind(other)
+
+    def fit_or_copy(
+        self, features: list[torch.Tensor], fitted: FeatureStandardizer | None = None
+    ) -> None:
+        """``fit``, or take the statistics of ``fitted`` (fitted on the same ``features``,
+        e.g. the whitened Gaussian a flow or GMM was rated as) when they are the same
+        kind: the per-position whitening is the costly part of preparing a head."""
+        if fitted is not None and self.same_statistics(fitted):
+            self.load_state_dict(fitted.state_dict())
+        else:
+            self.fit(features)
+
     def _fit_position_whitening(self, i: int, f: torch.Tensor) -> None:
         n, c, h, w = f.shape
         f64 = f.double()
@@ -220,8 +239,14 @@ class Head(nn.Module):
         self.feature_channels = list(feature_channels)
         self.feature_sizes = [tuple(s) for s in feature_sizes]
 
-    def prepare(self, train_features: list[torch.Tensor]) -> None:
-        """Data-dependent set-up from the training split (statistics, initialization)."""
+    def prepare(
+        self,
+        train_features: list[torch.Tensor],
+        fitted: FeatureStandardizer | None = None,
+    ) -> None:
+        """Data-dependent set-up from the training split (statistics, initialization);
+        ``fitted``: a standardizer already fitted on these features, reused when it is
+        the kind this head uses (``FeatureStandardizer.fit_or_copy``)."""
 
     def loss(self, features: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} has no training loss")

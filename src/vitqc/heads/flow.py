@@ -100,8 +100,10 @@ class FlowHead(Head):
         """hidden ratio x channels, floored so small CNN stages keep a usable subnet."""
         return max(self.min_hidden, round(self.hidden_ratio * channels))
 
-    def prepare(self, train_features: list[torch.Tensor]) -> None:
-        self.standardize.fit(train_features)
+    def prepare(
+        self, train_features: list[torch.Tensor], fitted: FeatureStandardizer | None = None
+    ) -> None:
+        self.standardize.fit_or_copy(train_features, fitted)
 
     def _latents(self, features: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [flow(f) for flow, f in zip(self.flows, self.standardize(features), strict=True)]

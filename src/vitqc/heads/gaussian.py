@@ -67,8 +67,10 @@ class GaussianHead(Head):
             for i, (f, subset) in enumerate(zip(features, self.subsets, strict=True))
         ]
 
-    def prepare(self, train_features: list[torch.Tensor]) -> None:
-        self.standardize.fit(self._select(train_features))
+    def prepare(
+        self, train_features: list[torch.Tensor], fitted: FeatureStandardizer | None = None
+    ) -> None:
+        self.standardize.fit_or_copy(self._select(train_features), fitted)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         z = self.standardize(self._select(features))

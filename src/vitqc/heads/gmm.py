@@ -265,8 +265,10 @@ class GMMHead(Head):
                 )
             )
 
-    def prepare(self, train_features: list[torch.Tensor]) -> None:
-        self.standardize.fit(train_features)
+    def prepare(
+        self, train_features: list[torch.Tensor], fitted: FeatureStandardizer | None = None
+    ) -> None:
+        self.standardize.fit_or_copy(train_features, fitted)
         generator = torch.Generator().manual_seed(self.seed)
         for mixture, f in zip(self.mixtures, self.standardize(train_features), strict=True):
             mixture.init_from_data(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), generator)

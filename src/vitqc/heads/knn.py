@@ -124,9 +124,11 @@ class KNNHead(Head):
             features = self.standardize(features)
         return concat_at_finest(features, self.neighbourhood)
 
-    def prepare(self, train_features: list[torch.Tensor]) -> None:
+    def prepare(
+        self, train_features: list[torch.Tensor], fitted: FeatureStandardizer | None = None
+    ) -> None:
         if self.standardize is not None:
-            self.standardize.fit(train_features)
+            self.standardize.fit_or_copy(train_features, fitted)
         emb = self._embeddings(train_features)
         patches = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1]).to(torch.float16)
         n_select = max(1, min(self.max_bank, round(self.coreset_ratio * patches.shape[0])))

@@ -115,7 +115,7 @@ import torch.nn.functional as F
 from pytorch_msssim import ssim
 from torch import nn
 
-from vitqc.heads.base import Head
+from vitqc.heads.base import FeatureStandardizer, Head
 from vitqc.heads.gmm import CONDITIONINGS, MixtureDensity
 
 #: Architecture and loss presets. ``image_size`` is the input side each was sized for
@@ -435,7 +435,9 @@ class VTADLHead(Head):
 
     # ------------------------------------------------------------------ Head API
     @torch.no_grad()
-    def prepare(self, train_features: list[torch.Tensor]) -> None:
+    def prepare(
+        self, train_features: list[torch.Tensor], fitted: FeatureStandardizer | None = None
+    ) -> None:
         """Start the mixture means on embeddings of (up to 256) training images."""
         was_training = self.training
         self.eval()
