@@ -28,17 +28,22 @@ def main() -> None:
     parser.add_argument("--heads", default="gaussian,gmm,flow,knn")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--category", default=None)
+    parser.add_argument(
+        "--folds", type=int, default=None, help="threshold folds (default: fit's; 0: none)"
+    )
     args = parser.parse_args()
+    folds = {} if args.folds is None else {"folds": args.folds}
     dataset = load_dataset(args.data, category=args.category, seed=0)
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or Path(tmp) / "cache"
         start = time.perf_counter()
-        fit(dataset, FitOptions(head="gaussian", cache_dir=cache, progress=False))
+        fit(dataset, FitOptions(head="gaussian", cache_dir=cache, progress=False, **folds))
         print(f"first fit (extracts and caches the features): {time.perf_counter() - start:.1f} s")
         rows = []
         for head in args.heads.split(","):
             start = time.perf_counter()
-            _, report = fit(dataset, FitOptions(head=head, cache_dir=cache, progress=False))
+            options = FitOptions(head=head, cache_dir=cache, progress=False, **folds)
+            _, report = fit(dataset, options)
             total = time.perf_counter() - start
             train = report.train
             epochs = f"{train.best_epoch}/{train.epochs_run}" if train else "-"

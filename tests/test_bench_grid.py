@@ -23,6 +23,7 @@ from vitqc.bench.grid import (
     Cell,
     GridSpec,
     expand_grid,
+    feature_key,
     load_config_file,
     merged_config,
     run_grid,
@@ -433,3 +434,18 @@ def test_time_budget_is_part_of_the_cell(tmp_path):
     assert cell.key(plain) != cell.key(budget)
     with pytest.raises(VitqcError, match="--max-minutes"):
         spec_from_config({**base, "max_minutes": 0})
+
+
+def test_the_vit_versus_cnn_study_config_expands_on_the_shared_data():
+    from conftest import MAGNETIC_TILE, require
+
+    require(MAGNETIC_TILE)
+    require(MAGNETIC_TILE.parent / "kolektorsdd")
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "vit_vs_cnn.yaml"
+    spec = spec_from_config(merged_config(file_config=load_config_file(path)))
+    assert spec.folds == 0 and [b.image_size for b in spec.backbones].count(448) == 2
+    cells = expand_grid(spec)
+    assert len(cells) == 2 * 6 * 4
+    assert {c.data.name for c in cells} == {"kolektorsdd", "magnetic_tile"}
+    groups = {feature_key(c, spec) for c in cells}
+    assert len(groups) == 2 * 6  # each backbone, block and size extracts once per dataset
