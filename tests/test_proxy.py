@@ -100,8 +100,10 @@ def test_training_keeps_the_epoch_the_selection_rates_best():
     assert result.initial_rating == 0.5
     assert result.epochs_run == 6 and result.stopped == "patience"  # 4 epochs without a gain
     assert [h[2] for h in result.history] == [0.6, 0.9, 0.7, 0.8, 0.85, 0.1]
+    assert all(np.isnan(h[1]) for h in result.history)  # no per-epoch validation loss
     for key, value in head.state_dict().items():
         torch.testing.assert_close(value, snapshots[2][key], msg=key)
+    # the validation loss of the kept weights, computed once at the end
     assert evaluate_loss(head, val, 8) == pytest.approx(result.best_val_loss, rel=1e-5)
 
 

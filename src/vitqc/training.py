@@ -7,7 +7,8 @@ epoch, early stopping with patience, and the best weights restored from a *copy*
 With a ``select`` function (higher is better; vitqc passes the localization proxy on
 synthetic defects, ``vitqc.data.proxy``) the best epoch is the one it rates highest,
 the starting point (epoch 0) included, and patience counts epochs without a better
-rating: a lower NLL is not always a better detector.
+rating: a lower NLL is not always a better detector. The validation loss is then computed
+once, for the kept weights (per epoch it cost about a tenth of the training time).
 """
 
 from __future__ import annotations
@@ -92,10 +93,9 @@ def train_head(
     start = time.perf_counter()
     initial_rating = best_rating = None
     fixed = val_features is None
-    if select is not None:
+    if select is not None:  # the validation loss only of the kept weights, at the end
         head.eval()
         initial_rating = best_rating = float(select())
-        best_loss = evaluate_loss(head, val_features, config.batch_size)
     bar = tqdm(
         range(1, config.epochs + 1),
         desc=f"train {getattr(head, 'name', 'head')}",
@@ -118,7 +118,11 @@ def train_head(
             running += float(loss.detach()) * batch[0].shape[0]
             seen += batch[0].shape[0]
         train_loss = running / seen
-        val_loss = math.nan if fixed else evaluate_loss(head, val_features, config.batch_size)
+        val_loss = (
+            math.nan
+            if fixed or select is not None
+            else evaluate_loss(head, val_features, config.batch_size)
+        )
         if fixed:
             history.append((train_loss, val_loss))
             improved = True
@@ -149,6 +153,8 @@ def train_head(
     if not fixed:
         head.load_state_dict(best_state)
     head.eval()
+    if select is not None:
+        best_loss = evaluate_loss(head, val_features, config.batch_size)
     seconds = time.perf_counter() - start
     return TrainResult(
         best_epoch, best_loss, epoch, seconds, stopped, history, best_rating, initial_rating
