@@ -10,10 +10,8 @@ nearest bank entry.
 ``standardize`` (off by default; "position" with ``fuse=True`` for EfficientNet-Lite)
 first standardizes the features per channel and grid position, as the density heads do:
 distances then measure how unusual a patch is *for its place*, and the border patches of
-CNN features stop looking like defects. On magnetic_tile (EfficientNet-Lite0) image
-AUROC 0.931 -> 0.967 and image PR-AUC 0.961 -> 0.985, for pixel AUROC 0.837 -> 0.812 and
-AUPRO 0.763 -> 0.744 (mean removal alone: 0.924 / 0.827 / 0.748; per-layer statistics
-instead of the fused map: 0.959 / 0.825 / 0.741). ``standardize=None`` is the plain
+CNN features stop looking like defects (higher image AUROC, slightly coarser maps; the
+figures are in the notes of the heads issue). ``standardize=None`` is the plain
 PatchCore embedding.
 """
 
