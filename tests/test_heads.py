@@ -357,9 +357,21 @@ def test_position_whitening_norm_is_the_mahalanobis_distance():
         np.testing.assert_allclose(got, expected, rtol=1e-3)
 
 
-def test_position_whitening_refuses_wide_features_with_a_clear_error():
+def test_position_whitening_refuses_wide_fused_features_and_subsets_wide_layers():
     with pytest.raises(VitqcError, match="position-whiten needs 116 M values"):
-        FeatureStandardizer([768], [(14, 14)], "position-whiten")
+        FeatureStandardizer([768], [(14, 14)], "position-whiten", fuse=True)
+    wide = FeatureStandardizer([768, 40], [(14, 14), (14, 14)], "position-whiten", seed=3)
+    assert wide.out_channels[0] < 768 and wide.out_channels[1] == 40
+    assert wide.subsets == [True, False] and wide.channels_0.numel() == wide.out_channels[0]
+    features = [torch.randn(50, 768, 14, 14), torch.randn(50, 40, 14, 14)]
+    wide.fit(features)
+    z = wide([f[:2] for f in features])
+    assert [t.shape[1] for t in z] == wide.out_channels
+    # the flow and the GMM whiten wide features the same way (their seed, their subset)
+    single = FeatureStandardizer([768], [(14, 14)], "position-whiten", seed=3)
+    for name in ("flow", "gmm"):
+        head = create_head(name, [768], [(14, 14)], standardize="position-whiten", seed=3)
+        assert torch.equal(head.standardize.channels_0, single.channels_0)
 
 
 def test_few_training_images_give_a_tempered_whitening():
@@ -414,8 +426,7 @@ def test_per_layer_whitening_fits_a_56x56_stride4_grid_in_bounded_memory():
 def test_gaussian_head_keeps_a_seeded_channel_subset_where_whitening_would_not_fit():
     """DeiT's 768 channels on 14 x 14 would need 116 M whitening values: the head keeps
     the most channels that fit (PaDiM's random reduction); narrow layers keep them all."""
-    from vitqc.heads.base import MAX_WHITENING_VALUES
-    from vitqc.heads.gaussian import whitened_channels
+    from vitqc.heads.base import MAX_WHITENING_VALUES, whitened_channels
 
     assert whitened_channels([40, 112], [(28, 28), (14, 14)]) == [40, 112]
     kept = whitened_channels([768], [(14, 14)])
@@ -423,12 +434,20 @@ def test_gaussian_head_keeps_a_seeded_channel_subset_where_whitening_would_not_f
     assert (kept[0] + 1) ** 2 * 196 > MAX_WHITENING_VALUES
     head = create_head("gaussian", [768], [(14, 14)])
     again = create_head("gaussian", [768], [(14, 14)])
-    assert head.channels_0.numel() == kept[0] and torch.equal(head.channels_0, again.channels_0)
+    subset = head.standardize.channels_0
+    assert subset.numel() == kept[0] and torch.equal(subset, again.standardize.channels_0)
     features = [torch.randn(6, 768, 14, 14)]
     head.prepare(features)
     assert head(features).shape == (6, 14, 14)
     # the subset travels with the weights; a narrow head's state dict has no subset
-    assert "channels_0" in head.state_dict()
-    assert not any(
-        k.startswith("channels_") for k in create_head("gaussian", [40], [(8, 8)]).state_dict()
-    )
+    assert "standardize.channels_0" in head.state_dict()
+    assert not any("channels_" in k for k in create_head("gaussian", [40], [(8, 8)]).state_dict())
+    # bundles from before the subset moved into the standardizer load the same
+    old_layout = {
+        k.removeprefix("standardize."): v
+        for k, v in head.state_dict().items()
+        if k == "standardize.channels_0"
+    }
+    old_layout.update({k: v for k, v in head.state_dict().items() if k != "standardize.channels_0"})
+    again.load_state_dict(old_layout)
+    torch.testing.assert_close(again(features), head(features))

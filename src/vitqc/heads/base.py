@@ -7,6 +7,7 @@ score never depends on its neighbours.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -20,6 +21,13 @@ STANDARDIZATIONS = ("channel", "position", "whiten", "position-whiten")
 #: 152 fused EfficientNet-Lite channels on a 28 x 28 grid need 18 M; DeiT's 768 channels
 #: on 14 x 14 would need 116 M (460 MB), too much to carry in a model bundle.
 MAX_WHITENING_VALUES = 32_000_000
+
+
+def whitened_channels(channels: list[int], sizes: list[tuple[int, int]]) -> list[int]:
+    """Channels each layer keeps for a per-position whitening: all of them, or the most
+    whose ``positions x channels^2`` values fit an equal share of the limit."""
+    share = MAX_WHITENING_VALUES // len(channels)
+    return [min(c, math.isqrt(share // (h * w))) for c, (h, w) in zip(channels, sizes, strict=True)]
 
 
 def _finest(sizes: list[tuple[int, int]]) -> tuple[int, int]:
@@ -82,6 +90,11 @@ class FeatureStandardizer(nn.Module):
       learns what a Gaussian misses. ZCA (the
       symmetric inverse square root) keeps each channel close to its own meaning at
       every position, which the flow's convolutions over neighbouring positions need.
+      Layers too wide to whiten per position within ``MAX_WHITENING_VALUES`` (DINOv2's
+      384 or DeiT's 768 channels, ResNet-50's stages) keep a seeded random subset of
+      their channels, the most that fit an equal share of the limit
+      (:func:`whitened_channels`; PaDiM's own remedy, random dimensionality reduction);
+      the subset is a buffer, and ``out_channels`` counts what is kept.
 
     ``fuse=True`` first brings all layers to the finest grid and concatenates them (one
     map out), so the statistics also capture correlations between layers: on
@@ -99,6 +112,7 @@ class FeatureStandardizer(nn.Module):
         fuse: bool = False,
         ridge: float = 0.01,
         shrink: bool = True,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if mode not in STANDARDIZATIONS:
@@ -106,6 +120,16 @@ class FeatureStandardizer(nn.Module):
         if (mode.startswith("position") or fuse) and sizes is None:
             raise ValueError(f"{mode!r} standardization and fusion need the feature sizes")
         self.mode, self.fuse, self.ridge, self.shrink = mode, fuse, ridge, shrink
+        self.subsets = [False] * len(channels)
+        if mode == "position-whiten" and not fuse:
+            kept = whitened_channels(list(channels), list(sizes))
+            generator = torch.Generator().manual_seed(seed)
+            self.subsets = [k < c for k, c in zip(kept, channels, strict=True)]
+            for i, (k, c) in enumerate(zip(kept, channels, strict=True)):
+                subset = torch.randperm(c, generator=generator)[:k].sort().values
+                if k < c:  # only then: narrow features keep the state dict they always had
+                    self.register_buffer(f"channels_{i}", subset)
+            channels = kept
         if fuse:
             channels, sizes = [sum(channels)], [_finest(list(sizes))]
         self.out_channels = list(channels)
@@ -130,7 +154,12 @@ class FeatureStandardizer(nn.Module):
         self.n_layers = len(channels)
 
     def _inputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [concat_at_finest(features)] if self.fuse else list(features)
+        if self.fuse:
+            return [concat_at_finest(features)]
+        return [
+            f.index_select(1, getattr(self, f"channels_{i}")) if subset else f
+            for i, (f, subset) in enumerate(zip(features, self.subsets, strict=True))
+        ]
 
     @torch.no_grad()
     def fit(self, features: list[torch.Tensor]) -> None:
@@ -159,7 +188,8 @@ class FeatureStandardizer(nn.Module):
         """Whether ``other`` fitted on the same features holds exactly what ``fit`` would."""
 
         def kind(s: FeatureStandardizer) -> tuple:
-            return (s.mode, s.fuse, s.ridge, s.shrink, s.out_channels, s.out_sizes)
+            subsets = [getattr(s, f"channels_{i}").tolist() for i, k in enumerate(s.subsets) if k]
+            return (s.mode, s.fuse, s.ridge, s.shrink, s.out_channels, s.out_sizes, subsets)
 
         return kind(self) == kind(other)
 

@@ -77,7 +77,7 @@ class FlowHead(Head):
         self.clamp, self.seed = clamp, seed
         self.standardization, self.fuse = standardize, fuse
         self.standardize = FeatureStandardizer(
-            feature_channels, self.feature_sizes, mode=standardize, fuse=fuse
+            feature_channels, self.feature_sizes, mode=standardize, fuse=fuse, seed=seed
         )
         # AllInOneBlock draws its hard permutation from numpy's global RNG and the
         # subnets their initial weights from torch's: seed both, restore both, so the

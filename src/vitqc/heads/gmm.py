@@ -254,7 +254,7 @@ class GMMHead(Head):
         self.min_std, self.seed = min_std, seed
         self.standardization, self.fuse = standardize, fuse
         self.standardize = FeatureStandardizer(
-            feature_channels, self.feature_sizes, mode=standardize, fuse=fuse
+            feature_channels, self.feature_sizes, mode=standardize, fuse=fuse, seed=seed
         )
         with torch.random.fork_rng():
             torch.manual_seed(seed)

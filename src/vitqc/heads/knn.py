@@ -103,7 +103,9 @@ class KNNHead(Head):
         self._index: tuple[tuple[int, int, int], object] | None = None
         self.standardization, self.fuse = standardize, fuse
         self.standardize = (
-            FeatureStandardizer(feature_channels, self.feature_sizes, standardize, fuse=fuse)
+            FeatureStandardizer(
+                feature_channels, self.feature_sizes, standardize, fuse=fuse, seed=seed
+            )
             if standardize is not None
             else None
         )
