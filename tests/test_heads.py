@@ -205,6 +205,10 @@ def test_backbone_head_overrides_replace_table_2_where_it_has_no_row():
         "fuse": True,
     }
     assert head_defaults("knn", "resnet50", "cnn")["head"] == {}
+    # DINOv2's GMM starts from the whitened Gaussian; the rest of Table 2's ViT row stays
+    dino = head_defaults("gmm", "vit_small_patch14_dinov2", "transformer")
+    assert dino["head"] == {"n_components": 100, "standardize": "position-whiten"}
+    assert dino["lr"] == 1e-4 and dino["batch_size"] == 8
 
 
 def test_em_initialization_recovers_two_clusters():
