@@ -209,6 +209,8 @@ def test_backbone_head_overrides_replace_table_2_where_it_has_no_row():
     dino = head_defaults("gmm", "vit_small_patch14_dinov2", "transformer")
     assert dino["head"] == {"n_components": 100, "standardize": "position-whiten"}
     assert dino["lr"] == 1e-4 and dino["batch_size"] == 8
+    flow = head_defaults("flow", "vit_small_patch14_dinov2", "transformer")
+    assert flow["head"] == {"steps": 20, "hidden_ratio": 0.16, "standardize": "position-whiten"}
 
 
 def test_em_initialization_recovers_two_clusters():
