@@ -125,7 +125,7 @@ def fit(
     patience: Annotated[
         int | None,
         typer.Option(
-            help="early-stopping patience in epochs (default 3 with --select proxy, 30 with loss)"
+            help="early-stopping patience in epochs (default 2 with --select proxy, 30 with loss)"
         ),
     ] = None,
     select: Annotated[

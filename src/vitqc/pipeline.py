@@ -95,7 +95,7 @@ STATISTICS = ("auto", "position", "free")
 #: Epochs without a better rating before training stops. Heads that start from the
 #: whitened Gaussian peak within a few epochs by the proxy; NLL keeps falling for
 #: hundreds of epochs, hence the longer patience there.
-PROXY_PATIENCE = 3
+PROXY_PATIENCE = 2
 LOSS_PATIENCE = 30
 
 
