@@ -7,6 +7,7 @@ missing (CI runs as root with Debian's apt reachable) and skips with the reason 
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import typer
 from PIL import Image
-from test_bench_store import CATEGORIES, hand_made_db
+from test_bench_store import CATEGORIES, MODELS, hand_made_db
 from typer.testing import CliRunner
 
 from vitqc.report.html import write_report
@@ -154,3 +155,45 @@ def test_section_titles_name_a_single_category_dataset_once():
     assert _dataset_title("mvtec", "carpet") == "mvtec / carpet"
     assert _dataset_title("magnetic_tile", "magnetic_tile") == "magnetic_tile"
     assert _dataset_title("folder", "") == "folder"
+
+
+def test_heads_keep_their_marker_and_variants_get_their_own():
+    from vitqc.report.html import head_markers, series_colors
+
+    markers = head_markers(["knn", "gmm:standardize=position", "flow", "gmm", "flow:steps=4"])
+    assert (markers["gmm"], markers["flow"], markers["knn"]) == ("s", "^", "D")
+    assert len(set(markers.values())) == len(markers)  # every head spec told apart
+    colors = series_colors(["b", "a", "b", "c"])
+    assert list(colors) == ["b", "a", "c"] and len(set(colors.values())) == 3
+
+
+def test_curves_get_one_row_of_panels_per_group():
+    from vitqc.report.html import curves_png
+
+    curve = {"x": [0.0, 0.5, 1.0], "y": [0.0, 0.8, 1.0]}
+    curves = {"roc": curve, "pr": curve, "pro": curve}
+    entries = [
+        (f"{head} i7", {"head": head, "backbone": bb, "aupro": 0.7}, curves)
+        for bb in ("vit", "cnn")
+        for head in ("flow", "knn")
+    ]
+    one = Image.open(io.BytesIO(curves_png(entries)))
+    grouped = Image.open(io.BytesIO(curves_png(entries, group_of=lambda r: r["backbone"])))
+    assert one.width == grouped.width
+    assert 1.8 < grouped.height / one.height < 2.2  # two rows of panels
+
+
+def test_a_large_grid_gets_one_gallery_per_backbone(tmp_path, monkeypatch):
+    from vitqc.data.synth import generate_synthetic
+    from vitqc.report import html as report_html
+
+    generate_synthetic(tmp_path / "synth", n_train=2, n_test_good=3, n_test_defective=4, size=64)
+    db = hand_made_db(tmp_path / "h.sqlite", artifacts_from=tmp_path / "synth")
+    page = write_report(db, tmp_path / "all.html").read_text()
+    assert "<h4>" not in page  # a few runs per category: one gallery
+    monkeypatch.setattr(report_html, "GALLERY_RUNS", 1)
+    page = write_report(db, tmp_path / "split.html").read_text()
+    backbones = {m["backbone"] for m in MODELS.values()}
+    headings = re.findall(r"<h4>([^<]*)</h4>", page)
+    assert {h.split(" ")[0] for h in headings} == backbones
+    assert len(headings) == len(backbones) * len(CATEGORIES)

@@ -6,10 +6,12 @@ Content-Security-Policy forbids the page from loading anything else. A tiny inli
 script logs a console error for any image that fails to decode, which the headless
 browser test turns into a failure.
 
-Sections: summary, the paper's tables, accuracy vs latency (Pareto front marked), ROC /
-PR / PRO curves per category (one line per run), anomaly-map galleries per category
-(image, ground truth, one overlay per run, as in the paper's figures), every run's
-figures, and the failed runs with their errors.
+Sections: summary, the paper's tables, accuracy vs latency (colour = backbone, marker =
+head, Pareto front marked), ROC / PR / PRO curves per category (one row of panels per
+backbone, one line per head), anomaly-map galleries per category (image, ground truth,
+one overlay per run, as in the paper's figures; one gallery per backbone when a category
+has more than ``GALLERY_RUNS`` runs), every run's figures, and the failed runs with their
+errors.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ from vitqc.bench.recommend import PRIORITIES, pareto_front, summarize_models  # 
 from vitqc.bench.store import open_store  # noqa: E402
 from vitqc.bench.tables import (  # noqa: E402
     Table,
+    backbone_label,
     build_tables,
     format_value,
+    head_label,
     latest_runs,
     model_label,
 )
@@ -80,6 +84,35 @@ window.addEventListener('load', function () {
 """
 
 _COLORS = plt.get_cmap("tab10").colors
+#: most runs in one category's anomaly-map gallery; more get one gallery per backbone
+GALLERY_RUNS = 8
+#: a fixed marker per head, so a large grid's scatter reads as backbone (colour) x head
+_HEAD_MARKERS = {"gaussian": "o", "gmm": "s", "flow": "^", "knn": "D", "vtadl": "v"}
+_SPARE_MARKERS = ("P", "X", "*", "h", "p", "<", ">", "8")
+
+
+def _styles(keys: Sequence[str], fixed: dict[str, Any], spare: Sequence[Any]) -> dict[str, Any]:
+    """One style per key: the fixed one where the key has one (and it is still free),
+    else the next spare one, cycling when they run out."""
+    out: dict[str, Any] = {}
+    spares = [v for v in spare if v not in fixed.values()] or list(spare)
+    for key in keys:
+        style = fixed.get(key)
+        if style is None or style in out.values():
+            style = spares[sum(k not in fixed for k in out) % len(spares)]
+        out[key] = style
+    return out
+
+
+def head_markers(heads: Sequence[str]) -> dict[str, str]:
+    """Marker per head spec: the base heads' own, variants (``gmm:k=8``) a spare one."""
+    ordered = sorted(set(heads), key=lambda h: (h not in _HEAD_MARKERS, h))
+    return _styles(ordered, _HEAD_MARKERS, _SPARE_MARKERS)
+
+
+def series_colors(keys: Sequence[str]) -> dict[str, Any]:
+    """Colour per key in first-seen order."""
+    return _styles(list(dict.fromkeys(keys)), {}, _COLORS)
 
 
 def _dataset_title(dataset: str, category: str) -> str:
@@ -179,8 +212,9 @@ def _runs_table(runs: Sequence[dict[str, Any]]) -> str:
 
 
 def scatter_png(runs: Sequence[dict[str, Any]]) -> bytes | None:
-    """Accuracy vs latency for each priority metric; marker area ~ parameters; the
-    Pareto front (accuracy, latency, size) ringed and joined in latency order."""
+    """Accuracy vs latency for each priority metric: colour = backbone, marker = head,
+    marker area ~ parameters; the Pareto front (accuracy, latency, size) ringed and
+    joined in latency order."""
     panels = []
     for _priority, (key, name, _) in PRIORITIES.items():
         models, _, _ = summarize_models(runs, key)
@@ -190,13 +224,21 @@ def scatter_png(runs: Sequence[dict[str, Any]]) -> bytes | None:
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
-    labels = sorted({m.label for _, ms, _ in panels for m in ms})
-    color = {lab: _COLORS[i % len(_COLORS)] for i, lab in enumerate(labels)}
-    biggest = max((m.params or 1) for _, ms, _ in panels for m in ms)
+    every = [m for _, ms, _ in panels for m in ms]
+    color = series_colors(sorted({m.backbone for m in every}))
+    marker = head_markers([m.head for m in every])
+    biggest = max((m.params or 1) for m in every)
     for ax, (name, models, front) in zip(axes[0], panels, strict=False):
         for m in models:
             size = 40 + 400 * math.sqrt((m.params or 1) / biggest)
-            ax.scatter(m.latency_ms, 100 * m.accuracy, s=size, color=color[m.label], alpha=0.75)
+            ax.scatter(
+                m.latency_ms,
+                100 * m.accuracy,
+                s=size,
+                color=color[m.backbone],
+                marker=marker[m.head],
+                alpha=0.75,
+            )
         pts = sorted((m.latency_ms, 100 * m.accuracy) for m in front)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "k--", lw=1, label="Pareto front")
         ax.scatter(
@@ -211,7 +253,12 @@ def scatter_png(runs: Sequence[dict[str, Any]]) -> bytes | None:
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
             ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    handles = [plt.Line2D([], [], marker="o", ls="", color=color[lab], label=lab) for lab in labels]
+    handles = [
+        plt.Line2D([], [], marker="s", ms=9, ls="", color=c, label=bb) for bb, c in color.items()
+    ]
+    handles += [
+        plt.Line2D([], [], marker=mk, ls="", color="0.35", label=h) for h, mk in marker.items()
+    ]
     handles.append(plt.Line2D([], [], ls="--", color="k", label="Pareto front"))
     fig.legend(
         handles=handles,
@@ -224,34 +271,45 @@ def scatter_png(runs: Sequence[dict[str, Any]]) -> bytes | None:
     return fig_to_png(fig)
 
 
-def curves_png(entries: Sequence[tuple[str, dict[str, Any], dict[str, Any]]]) -> bytes | None:
-    """ROC, PR and PRO panels with one line per run (``(label, run, curves)``)."""
+CurveEntry = tuple[str, dict[str, Any], dict[str, Any]]
+
+
+def curves_png(entries: Sequence[CurveEntry], group_of: Any = None) -> bytes | None:
+    """ROC, PR and PRO panels with one line per run (``(label, run, curves)``); with
+    ``group_of(run)``, one row of panels per group (e.g. per backbone, so that a large
+    grid stays readable), each line's colour fixed by its run's head across rows."""
     if not any(c.get(k) for _, _, c in entries for k in ("roc", "pr", "pro")):
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    groups: dict[str, list[CurveEntry]] = {}
+    for entry in entries:
+        groups.setdefault(group_of(entry[1]) if group_of else "", []).append(entry)
+    color = series_colors([str(run.get("head", label)) for label, run, _ in entries])
+    fig, axes = plt.subplots(len(groups), 3, figsize=(15, 4.2 * len(groups)), squeeze=False)
     spec = (
         ("roc", "ROC (image)", "false positive rate", "true positive rate", "image_auroc"),
         ("pr", "Precision-recall (image)", "recall", "precision", "image_prauc"),
         ("pro", "PRO (pixel, FPR <= 0.3)", "false positive rate", "per-region overlap", "aupro"),
     )
-    for ax, (key, title, xl, yl, metric) in zip(axes, spec, strict=True):
-        for i, (label, run, curves) in enumerate(entries):
-            c = curves.get(key)
-            if not c:
-                continue
-            value = run.get(metric)
-            tag = f" ({100 * value:.1f})" if value is not None else ""
-            ax.plot(c["x"], c["y"], color=_COLORS[i % len(_COLORS)], lw=1.4, label=label + tag)
-        if key == "roc":
-            ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls=":")
-        ax.set_xlim(0, 0.3 if key == "pro" else 1)
-        ax.set_ylim(0, 1.02)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel(xl)
-        ax.set_ylabel(yl)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="lower right")
+    for row, (group, members) in zip(axes, groups.items(), strict=True):
+        for ax, (key, title, xl, yl, metric) in zip(row, spec, strict=True):
+            for label, run, curves in members:
+                c = curves.get(key)
+                if not c:
+                    continue
+                value = run.get(metric)
+                tag = f" ({100 * value:.1f})" if value is not None else ""
+                line = color[str(run.get("head", label))]
+                ax.plot(c["x"], c["y"], color=line, lw=1.4, label=label + tag)
+            if key == "roc":
+                ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls=":")
+            ax.set_xlim(0, 0.3 if key == "pro" else 1)
+            ax.set_ylim(0, 1.02)
+            ax.set_title(f"{group}: {title}" if group else title, fontsize=10)
+            ax.set_xlabel(xl)
+            ax.set_ylabel(yl)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig_to_png(fig)
 
@@ -363,7 +421,8 @@ def build_report_html(
 
     parts.append('<h2 id="curves">ROC / PR / PRO curves</h2>')
     for (ds, cat), entries in by_cat.items():
-        png = curves_png(entries)
+        by_head = [(head_label(r), r, curves) for _, r, curves in entries]
+        png = curves_png(by_head, group_of=backbone_label)
         parts.append(f"<h3>{_esc(_dataset_title(ds, cat))}</h3>")
         parts.append(img_tag(png, f"curves {ds} {cat}") if png else "<p>No curves stored.</p>")
 
@@ -374,9 +433,21 @@ def build_report_html(
         "score.</p>"
     )
     for (ds, cat), entries in by_cat.items():
-        png = gallery_png(artifacts_root, entries)
         parts.append(f"<h3>{_esc(_dataset_title(ds, cat))}</h3>")
-        parts.append(img_tag(png, f"gallery {ds} {cat}") if png else "<p>No gallery stored.</p>")
+        if len(entries) <= GALLERY_RUNS:
+            png = gallery_png(artifacts_root, entries)
+            none = "<p>No gallery stored.</p>"
+            parts.append(img_tag(png, f"gallery {ds} {cat}") if png else none)
+            continue
+        by_backbone: dict[str, list[tuple[str, dict[str, Any], dict[str, Any]]]] = {}
+        for _, r, curves in entries:  # too many columns to read: one gallery per backbone
+            by_backbone.setdefault(backbone_label(r), []).append((head_label(r), r, curves))
+        for bb, members in by_backbone.items():
+            png = gallery_png(artifacts_root, members)
+            parts.append(f"<h4>{_esc(bb)}</h4>")
+            parts.append(
+                img_tag(png, f"gallery {ds} {cat} {bb}") if png else "<p>No gallery stored.</p>"
+            )
 
     parts.append('<h2 id="runs">All runs</h2>')
     parts.append(_runs_table(runs) if runs else "<p>None.</p>")
