@@ -17,6 +17,7 @@ gaussian), the flow at most its share of the FLOPs plus 15 % (FLOPs of backbone 
 printed, counted by ``torch.utils.flop_counter``), and batch 32 per image not above
 batch 1. Run:
 .venv/bin/python benchmarks/bench_inference.py [--backbone NAME] [--heads flow,gmm,knn]
+    [--layers 7] [--image-size 448]
     [--data ../shared/data/kolektorsdd --cache-dir DIR] [--bundle knn=DIR]
 """
 
@@ -115,6 +116,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--backbone", default="tf_efficientnet_lite0")
     parser.add_argument("--heads", default="flow,gmm,knn")
+    parser.add_argument("--layers", default=None, help="blocks/stages to read, e.g. 7 or 2,3")
+    parser.add_argument("--image-size", type=int, default=None, help="input size in pixels")
     parser.add_argument(
         "--data",
         type=Path,
@@ -127,6 +130,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     bundles = dict(item.split("=", 1) for item in args.bundle)
+    layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
     print(f"torch threads: {torch.get_num_threads()} (ONNX Runtime {ort.__version__}: the same)")
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or generate_synthetic(
@@ -146,6 +150,8 @@ def main() -> None:
             else:
                 opts = FitOptions(
                     backbone=args.backbone,
+                    layers=layers,
+                    image_size=args.image_size,
                     head=name,
                     head_options=options,
                     epochs=2,

@@ -67,6 +67,27 @@ def test_tables_3_4_per_category(runs):
     assert mean[5] == pytest.approx(MODELS["deit_gmm"]["image_auroc"])
 
 
+def test_tables_3_4_one_table_per_input_size(runs):
+    # a grid entry with its own input size (NAME:LAYERS@448) gets its own table; the
+    # method columns there do not repeat the size
+    deit = [r for r in runs if r["backbone"].startswith("deit")]
+    big = [
+        {**r, "id": 1000 + i, "config": {**r["config"], "image_size": 448}}
+        for i, r in enumerate(deit)
+    ]
+    tables = tables_per_category(deit + big)
+    assert [t.title.split(", ")[1] for t in tables] == [
+        "backbone deit_base_distilled_patch16_224",
+        "backbone deit_base_distilled_patch16_224 @448",
+    ]
+    assert tables[0].columns == tables[1].columns
+    assert tables[1].columns[1] == "flow i11 image AUROC"
+    assert tables[1].footer == tables[0].footer
+    # elsewhere the size stays in the method's name
+    side = tables_backbones(deit + big)[0]
+    assert "image AUROC deit_base_distilled_patch16_224 i11 @448" in side.columns
+
+
 def test_tables_5_6_backbones_side_by_side(runs):
     tables = tables_backbones(runs)
     assert [t.title for t in tables] == [

@@ -20,6 +20,7 @@ import io
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from vitqc.errors import VitqcError
@@ -83,19 +84,23 @@ def backbone_label(run: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def head_label(run: dict[str, Any]) -> str:
-    """The head with its layers: the paper's method names ("flow i11", "gmm")."""
+def head_label(run: dict[str, Any], with_size: bool = True) -> str:
+    """The head with its layers: the paper's method names ("flow i11", "gmm"); with the
+    input size unless ``with_size`` is False (a table already named after it)."""
     label = str(run["head"])
     if run.get("layers"):
         label += " " + layers_label(run["layers"])
-    if size := size_label(run):
+    if with_size and (size := size_label(run)):
         label += " " + size
     return label
 
 
 def backbone_group(run: dict[str, Any]) -> str:
-    """The backbone without layers (Tables 3/4 compare layer choices as methods)."""
+    """The backbone and input size without layers (Tables 3/4 compare layer choices as
+    methods; each input size gets its own table)."""
     label = str(run["backbone"])
+    if size := size_label(run):
+        label += " " + size
     if run.get("weights") not in (None, "", "default", "hub"):
         label += f" ({run['weights']})"
     return label
@@ -211,7 +216,7 @@ def tables_per_category(runs: Sequence[dict[str, Any]]) -> list[Table]:
     for ds in _ordered(str(r["dataset"]) for r in runs):
         for bb in _ordered(backbone_group(r) for r in runs if r["dataset"] == ds):
             mine = [r for r in runs if r["dataset"] == ds and backbone_group(r) == bb]
-            methods = _ordered(head_label(r) for r in mine)
+            methods = _ordered(head_label(r, with_size=False) for r in mine)
             columns = ["category"] + [
                 f"{m} {name}" for m in methods for name, _ in CATEGORY_METRICS
             ]
@@ -221,7 +226,9 @@ def tables_per_category(runs: Sequence[dict[str, Any]]) -> list[Table]:
                 columns,
                 ["text"] + ["pct"] * (len(columns) - 1),
             )
-            table.rows, table.footer = _category_rows(mine, methods, head_label, CATEGORY_METRICS)
+            table.rows, table.footer = _category_rows(
+                mine, methods, partial(head_label, with_size=False), CATEGORY_METRICS
+            )
             out.append(table)
     return out
 
