@@ -1,12 +1,15 @@
-"""Image scores from anomaly maps: each image on its own, by a named aggregation."""
+"""From patch maps to maps at input size and image scores: each image on its own."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from vitqc.errors import VitqcError
-from vitqc.scoring import aggregate_maps, parse_image_score
+from vitqc.scoring import aggregate_maps, maps_at_input_size, parse_image_score
 
 
 def test_aggregations_by_hand():
@@ -32,3 +35,44 @@ def test_aggregation_is_per_image():
 def test_bad_image_score_names(bad):
     with pytest.raises(VitqcError, match="image score"):
         parse_image_score(bad)
+
+
+def _upsample_then_blur(patch, size, sigma):
+    """The two steps as written out: bilinear upsampling, then a separable Gaussian
+    convolution over an edge-replicated border."""
+    maps = patch
+    if tuple(patch.shape[-2:]) != tuple(size):
+        maps = F.interpolate(patch[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    if sigma <= 0:
+        return maps
+    radius = math.ceil(4 * sigma)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).float()
+    out = F.pad(maps[:, None], (radius,) * 4, mode="replicate")
+    out = F.conv2d(F.conv2d(out, kernel.view(1, 1, 1, -1)), kernel.view(1, 1, -1, 1))
+    return out[:, 0]
+
+
+@pytest.mark.parametrize(
+    ("grid", "size", "sigma"),
+    [
+        ((28, 28), (224, 224), 4.0),
+        ((16, 20), (224, 280), 2.5),
+        ((14, 14), (14, 14), 0.0),
+        ((32, 32), (448, 448), 4.0),
+        ((8, 8), (8, 8), 1.0),
+    ],
+)
+def test_maps_at_input_size_is_upsampling_then_blur(grid, size, sigma):
+    patch = torch.rand(3, *grid, generator=torch.Generator().manual_seed(0)) * 50
+    with torch.inference_mode():  # as at inference; the cached matrices must stay usable
+        maps = maps_at_input_size(patch, size, sigma)
+    assert maps.shape == (3, *size)
+    torch.testing.assert_close(maps, _upsample_then_blur(patch, size, sigma), rtol=0, atol=1e-4)
+    # outside inference mode too, and each image as if alone in its batch
+    alone = torch.cat([maps_at_input_size(patch[i : i + 1], size, sigma) for i in range(3)])
+    torch.testing.assert_close(alone, maps, rtol=0, atol=1e-5)
+    if sigma > 0:  # the blur keeps a constant map constant, border included
+        flat = maps_at_input_size(torch.full((1, *grid), 7.0), size, sigma)
+        torch.testing.assert_close(flat, torch.full((1, *size), 7.0))

@@ -48,7 +48,7 @@ from vitqc.decision import operator_score
 from vitqc.errors import VitqcError
 from vitqc.files import file_sha256
 from vitqc.runtime import FORMAT, FORMAT_VERSION, METADATA_KEY, OUTPUTS
-from vitqc.scoring import AnomalyModel, aggregate_maps, gaussian_smooth, upsample_maps
+from vitqc.scoring import AnomalyModel, aggregate_maps, maps_at_input_size
 
 __all__ = [
     "EXPORTABLE_HEADS",
@@ -88,7 +88,7 @@ class ExportGraph(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         features = [f.float() for f in self.extractor(self.preprocessor(image))]
         patch, scores = self.head.score(features)
-        maps = gaussian_smooth(upsample_maps(patch, self.input_size), self.smoothing_sigma)
+        maps = maps_at_input_size(patch, self.input_size, self.smoothing_sigma)
         if scores is None:
             scores = aggregate_maps(maps, self.image_score)
         normalized = operator_score(scores, self.map_low, self.threshold)

@@ -8,10 +8,11 @@ image scores the same whatever else shares its batch.
 
 from __future__ import annotations
 
+import functools
 import math
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitqc.backbones.extractor import micro_batches
@@ -20,25 +21,61 @@ from vitqc.errors import VitqcError
 from vitqc.heads.base import Head
 
 
-def gaussian_smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``[B, H, W]`` maps (edge-replicate padding); sigma in px."""
-    if sigma <= 0:
-        return maps
-    radius = max(1, int(math.ceil(4 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    out = F.pad(maps[:, None], (radius, radius, radius, radius), mode="replicate")
-    out = F.conv2d(out, kernel.view(1, 1, 1, -1))
-    out = F.conv2d(out, kernel.view(1, 1, -1, 1))
-    return out[:, 0]
+def maps_at_input_size(
+    patch_maps: torch.Tensor, size: tuple[int, int], sigma: float
+) -> torch.Tensor:
+    """Patch maps ``[B, h, w]`` -> maps ``[B, H, W]``: bilinear upsampling
+    (``align_corners=False``), then a Gaussian blur of ``sigma`` px (radius
+    ``ceil(4 sigma)``, edges replicated; ``sigma <= 0``: none).
+
+    Both steps are linear and separable, so per axis they compose into one ``[H, h]``
+    matrix and a map is ``A_h @ patch @ A_w.T``: two small matrix products at any batch
+    size (a single-channel convolution over a batch of large maps is slow on CPU), and
+    constants of the exported graph.
+    """
+    # plain ints: a traced export sees shapes as tensors, and the grid is fixed per model
+    (h, w), (out_h, out_w) = (int(v) for v in patch_maps.shape[-2:]), size
+    rows = _resampling_matrix(h, int(out_h), float(sigma)).to(patch_maps)
+    cols = _resampling_matrix(w, int(out_w), float(sigma)).to(patch_maps)
+    return rows @ patch_maps @ cols.T
 
 
-def upsample_maps(patch_maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear ``[B, h, w] -> [B, H, W]``."""
-    if tuple(patch_maps.shape[-2:]) == tuple(size):
-        return patch_maps
-    return F.interpolate(patch_maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+@functools.lru_cache(maxsize=32)
+def _resampling_matrix(n: int, size: int, sigma: float) -> torch.Tensor:
+    """``[size, n]``: linear upsampling (``align_corners=False``) followed by the blur,
+    along one axis. Built in NumPy, so that an ONNX export records a constant, not the
+    steps; outside inference mode, as it is cached and reused anywhere."""
+    matrix = _linear_upsampling(n, size)
+    if sigma > 0:
+        matrix = _blur(size, sigma) @ matrix
+    with torch.inference_mode(False):
+        return torch.from_numpy(matrix.astype(np.float32))
+
+
+def _linear_upsampling(n: int, size: int) -> np.ndarray:
+    """``[size, n]``: ``F.interpolate(mode="linear", align_corners=False)`` as a matrix."""
+    if n == size:
+        return np.eye(n)
+    rows = np.arange(size)
+    source = np.maximum((rows + 0.5) * (n / size) - 0.5, 0.0)
+    low = np.floor(source).astype(int)
+    high = np.minimum(low + 1, n - 1)
+    matrix = np.zeros((size, n))
+    np.add.at(matrix, (rows, low), 1.0 - (source - low))
+    np.add.at(matrix, (rows, high), source - low)
+    return matrix
+
+
+def _blur(n: int, sigma: float) -> np.ndarray:
+    """``[n, n]``: a 1-D Gaussian blur (radius ``ceil(4 sigma)``, edges replicated)."""
+    radius = max(1, math.ceil(4 * sigma))
+    offsets = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+    rows = np.arange(n)
+    matrix = np.zeros((n, n))
+    for offset, weight in zip(offsets, kernel / kernel.sum(), strict=True):
+        np.add.at(matrix, (rows, np.clip(rows + offset, 0, n - 1)), weight)
+    return matrix
 
 
 def parse_image_score(name: str) -> float:
@@ -128,7 +165,7 @@ class AnomalyModel(nn.Module):
             # a head may define its own image-level score (VT-ADL's loss terms);
             # otherwise (None) the image score aggregates the map
             patch, scores = self.head.score(features)
-            maps = gaussian_smooth(upsample_maps(patch, self.input_size), self.smoothing_sigma)
+            maps = maps_at_input_size(patch, self.input_size, self.smoothing_sigma)
         return maps, scores if scores is not None else aggregate_maps(maps, self.image_score)
 
     def forward(self, x01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
