@@ -5,10 +5,11 @@ sets goals for.
 Fits each head briefly on a small synthetic dataset (latency does not depend on how well
 a head is trained), exports it with ``vitqc.export`` (and the preprocessing + backbone
 alone the same way), then times both with vitqc's own latency probe (median of repeats).
-ONNX Runtime gets as many threads as torch. With ``--data`` the timed batches are that
-dataset's test images (resized to the input size) instead of synthetic ones, and the
-heads are fitted on it; ``--bundle HEAD=DIR`` times an already fitted model instead
-(e.g. a knn model with the dataset's full memory bank). A head may be a variant
+ONNX Runtime gets as many threads as torch; both run a batch in micro-batches, as vitqc
+does (``backbones.extractor.MICRO_BATCH``, ``runtime.MICRO_BATCH``). With ``--data``
+the timed batches are that dataset's test images (resized to the input size) instead of
+synthetic ones, and the heads are fitted on it; ``--bundle HEAD=DIR`` times an already
+fitted model instead (e.g. a knn model with the dataset's full memory bank). A head may be a variant
 (``knn:search=faiss-hnsw``). The exported graph always searches exactly (``exact``).
 
 Printed per model: ms per image, and the full model over the backbone alone ("x bb") at
@@ -42,6 +43,7 @@ from vitqc.data.transforms import resize_batch
 from vitqc.export import OPSET, export_onnx
 from vitqc.heads import parse_head
 from vitqc.pipeline import FitOptions, fit
+from vitqc.runtime import MICRO_BATCH
 from vitqc.scoring import AnomalyModel
 
 BATCHES = (1, 32)
@@ -83,9 +85,17 @@ def _export_backbone(model: AnomalyModel, path: Path) -> Path:
 
 
 def _ort_ms(session: ort.InferenceSession, images: torch.Tensor) -> dict[int, float]:
+    """ms per image, the batch run as ``vitqc.runtime.ExportedModel.run`` runs it (in
+    chunks of ``MICRO_BATCH`` images)."""
+
+    def run(t: torch.Tensor) -> None:
+        x = t.numpy()
+        for start in range(0, len(x), MICRO_BATCH):
+            session.run(None, {"image": x[start : start + MICRO_BATCH]})
+
     return {
         bs: time_per_image_ms(
-            lambda t: session.run(None, {"image": t.numpy()}),
+            run,
             images[torch.arange(bs) % images.shape[0]],
             min_seconds=2.0,
             min_repeats=5,

@@ -24,7 +24,7 @@ from vitqc.decision import operator_score
 from vitqc.errors import VitqcError
 from vitqc.export import METADATA_KEY, bundle_id, export_bundle, export_onnx
 from vitqc.pipeline import FitOptions, fit, predict_images
-from vitqc.runtime import ExportedModel, resize_image
+from vitqc.runtime import MICRO_BATCH, ExportedModel, resize_image
 
 HEADS = ("gaussian", "knn", "flow", "gmm")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -102,14 +102,21 @@ def test_onnx_runtime_matches_torch(exported, images):
 
 
 def test_batch_of_one_and_of_eight_agree(exported, images):
-    _, model, _, _, runtime = exported
+    _, model, _, onnx_path, runtime = exported
     x = np.stack([resize_image(read_image(p), model.input_size) for p in images[:8]])
-    eight = runtime.run(x)
+    assert runtime.micro_batch == MICRO_BATCH < 8
+    eight = runtime.run(x)  # in micro-batches
+    whole = ExportedModel(onnx_path, threads=1, micro_batch=8).run(x)  # one graph call
     ones = [runtime.run(x[i : i + 1]) for i in range(8)]
-    one_scores = np.concatenate([o["score"] for o in ones])
-    assert _rel(one_scores, eight["score"]) <= 1e-5
-    one_maps = np.concatenate([o["map"] for o in ones])
-    assert float(np.abs(one_maps - eight["map"]).max()) <= 1e-4
+    for name in ("score", "normalized_score", "map", "defective"):
+        assert eight[name].shape == whole[name].shape == (8, *ones[0][name].shape[1:]), name
+    for batched in (eight, whole):
+        one_scores = np.concatenate([o["score"] for o in ones])
+        assert _rel(one_scores, batched["score"]) <= 1e-5
+        one_maps = np.concatenate([o["map"] for o in ones])
+        assert float(np.abs(one_maps - batched["map"]).max()) <= 1e-4
+    odd = runtime.run(x[:5])  # chunks of 2, 2 and 1, in order
+    assert _rel(odd["score"], eight["score"][:5]) <= 1e-5
 
 
 def test_runtime_resize_matches_torch(images):

@@ -46,6 +46,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "METADATA_KEY",
+    "MICRO_BATCH",
     "OUTPUTS",
     "ExportedModel",
     "main",
@@ -57,6 +58,10 @@ METADATA_KEY = "vitqc"
 FORMAT = "vitqc-onnx"
 FORMAT_VERSION = 1
 OUTPUTS = ("score", "normalized_score", "map", "defective")
+#: Images per graph call: onnxruntime's time per image on one CPU thread grows with the
+#: batch (activations leave the cache), as torch's does (``backbones.extractor``), so a
+#: larger batch runs in chunks of this many (``benchmarks/bench_inference.py``).
+MICRO_BATCH = 2
 
 
 def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -86,12 +91,15 @@ def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
 class ExportedModel:
     """An exported vitqc model in an onnxruntime session, with its metadata (``info``)."""
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, threads: int | None = None, micro_batch: int = MICRO_BATCH
+    ) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - a dependency
             raise VitqcError("the runtime needs onnxruntime: pip install onnxruntime") from exc
         self.path = Path(path)
+        self.micro_batch = max(1, int(micro_batch))
         if not self.path.is_file():
             raise VitqcError(f"model file not found: {self.path}")
         options = ort.SessionOptions()
@@ -126,8 +134,16 @@ class ExportedModel:
         self.min_area = float(info.get("min_area") or 0.0)
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """The graph on ``[N, 3, h, w]`` float32 in [0, 1]: its four outputs by name."""
-        values = self.session.run(list(OUTPUTS), {"image": np.asarray(batch, np.float32)})
+        """The graph on ``[N, 3, h, w]`` float32 in [0, 1]: its four outputs by name
+        (computed ``micro_batch`` images at a time; each image scores on its own)."""
+        batch = np.asarray(batch, np.float32)
+        parts = [
+            self.session.run(list(OUTPUTS), {"image": batch[start : start + self.micro_batch]})
+            for start in range(0, max(1, len(batch)), self.micro_batch)
+        ]
+        values = (
+            parts[0] if len(parts) == 1 else [np.concatenate(v) for v in zip(*parts, strict=True)]
+        )
         return dict(zip(OUTPUTS, values, strict=True))
 
     def score_images(
