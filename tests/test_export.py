@@ -115,8 +115,8 @@ def test_batch_of_one_and_of_eight_agree(exported, images):
         assert _rel(one_scores, batched["score"]) <= 1e-5
         one_maps = np.concatenate([o["map"] for o in ones])
         assert float(np.abs(one_maps - batched["map"]).max()) <= 1e-4
-    odd = runtime.run(x[:5])  # chunks of 2, 2 and 1, in order
-    assert _rel(odd["score"], eight["score"][:5]) <= 1e-5
+    odd = runtime.run(x[: MICRO_BATCH + 1])  # a full chunk and a chunk of one, in order
+    assert _rel(odd["score"], eight["score"][: MICRO_BATCH + 1]) <= 1e-5
 
 
 def test_runtime_resize_matches_torch(images):

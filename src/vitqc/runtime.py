@@ -58,10 +58,12 @@ METADATA_KEY = "vitqc"
 FORMAT = "vitqc-onnx"
 FORMAT_VERSION = 1
 OUTPUTS = ("score", "normalized_score", "map", "defective")
-#: Images per graph call: onnxruntime's time per image on one CPU thread grows with the
-#: batch (activations leave the cache), as torch's does (``backbones.extractor``), so a
-#: larger batch runs in chunks of this many (``benchmarks/bench_inference.py``).
-MICRO_BATCH = 2
+#: Images per graph call. On one CPU thread onnxruntime's backbone time per image grows
+#: with the batch (activations leave the cache), while a head with large per-position
+#: statistics (the GMM's) reads them once per call and prefers larger batches; a batch
+#: runs in chunks of this many, the size that serves every head within about 15 % of its
+#: best chunk (``benchmarks/bench_inference.py``).
+MICRO_BATCH = 4
 
 
 def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
