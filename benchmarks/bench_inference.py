@@ -6,7 +6,7 @@ Fits each head briefly on a small synthetic dataset (latency does not depend on 
 a head is trained), exports it with ``vitqc.export`` (and the preprocessing + backbone
 alone the same way), then times both with vitqc's own latency probe (median of repeats).
 ONNX Runtime gets as many threads as torch; both run a batch in micro-batches, as vitqc
-does (``backbones.extractor.MICRO_BATCH``, ``runtime.MICRO_BATCH``). With ``--data``
+does (``backbones.extractor.MICRO_BATCH``, ``runtime.run_in_chunks``). With ``--data``
 the timed batches are that dataset's test images (resized to the input size) instead of
 synthetic ones, and the heads are fitted on it; ``--bundle HEAD=DIR`` times an already
 fitted model instead (e.g. a knn model with the dataset's full memory bank). A head may be a variant
@@ -43,7 +43,7 @@ from vitqc.data.transforms import resize_batch
 from vitqc.export import OPSET, export_onnx
 from vitqc.heads import parse_head
 from vitqc.pipeline import FitOptions, fit
-from vitqc.runtime import MICRO_BATCH
+from vitqc.runtime import run_in_chunks
 from vitqc.scoring import AnomalyModel
 
 BATCHES = (1, 32)
@@ -85,17 +85,10 @@ def _export_backbone(model: AnomalyModel, path: Path) -> Path:
 
 
 def _ort_ms(session: ort.InferenceSession, images: torch.Tensor) -> dict[int, float]:
-    """ms per image, the batch run as ``vitqc.runtime.ExportedModel.run`` runs it (in
-    chunks of ``MICRO_BATCH`` images)."""
-
-    def run(t: torch.Tensor) -> None:
-        x = t.numpy()
-        for start in range(0, len(x), MICRO_BATCH):
-            session.run(None, {"image": x[start : start + MICRO_BATCH]})
-
+    """ms per image, the batch run as ``vitqc.runtime.ExportedModel.run`` runs it."""
     return {
         bs: time_per_image_ms(
-            run,
+            lambda t: run_in_chunks(session, t.numpy()),
             images[torch.arange(bs) % images.shape[0]],
             min_seconds=2.0,
             min_repeats=5,

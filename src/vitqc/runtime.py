@@ -51,6 +51,7 @@ __all__ = [
     "ExportedModel",
     "main",
     "resize_image",
+    "run_in_chunks",
 ]
 
 #: The ONNX file format shared with ``vitqc.export`` (defined here: this module has no torch)
@@ -64,6 +65,20 @@ OUTPUTS = ("score", "normalized_score", "map", "defective")
 #: runs in chunks of this many, the size that serves every head within about 15 % of its
 #: best chunk (``benchmarks/bench_inference.py``).
 MICRO_BATCH = 4
+
+
+def run_in_chunks(
+    session: Any, batch: np.ndarray, chunk: int = MICRO_BATCH, outputs: Sequence[str] | None = None
+) -> list[np.ndarray]:
+    """An onnxruntime ``session`` on ``batch`` (input ``image``, float32) ``chunk`` images
+    per call, its outputs concatenated over the batch (all of them, or ``outputs``)."""
+    batch = np.asarray(batch, np.float32)
+    names = list(outputs) if outputs is not None else None
+    parts = [
+        session.run(names, {"image": batch[start : start + chunk]})
+        for start in range(0, max(1, len(batch)), chunk)
+    ]
+    return parts[0] if len(parts) == 1 else [np.concatenate(v) for v in zip(*parts, strict=True)]
 
 
 def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -138,14 +153,7 @@ class ExportedModel:
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """The graph on ``[N, 3, h, w]`` float32 in [0, 1]: its four outputs by name
         (computed ``micro_batch`` images at a time; each image scores on its own)."""
-        batch = np.asarray(batch, np.float32)
-        parts = [
-            self.session.run(list(OUTPUTS), {"image": batch[start : start + self.micro_batch]})
-            for start in range(0, max(1, len(batch)), self.micro_batch)
-        ]
-        values = (
-            parts[0] if len(parts) == 1 else [np.concatenate(v) for v in zip(*parts, strict=True)]
-        )
+        values = run_in_chunks(self.session, batch, self.micro_batch, OUTPUTS)
         return dict(zip(OUTPUTS, values, strict=True))
 
     def score_images(
