@@ -10,7 +10,7 @@ from scipy.stats import norm
 from sklearn.covariance import ledoit_wolf
 
 from vitqc.errors import VitqcError
-from vitqc.heads import PAPER_DEFAULTS, create_head, fuse_maps, head_defaults
+from vitqc.heads import PAPER_DEFAULTS, base, create_head, fuse_maps, head_defaults
 from vitqc.heads.base import FeatureStandardizer
 from vitqc.heads.gmm import GMMHead, _shared_mixture_nll, fit_diagonal_gmm, mixture_nll
 from vitqc.heads.knn import greedy_coreset
@@ -128,6 +128,22 @@ def test_training_restores_best_weights_and_is_reproducible(data):
         torch.testing.assert_close(v, v2, msg=k)
 
 
+@pytest.mark.parametrize("name", ["flow", "gmm"])
+def test_training_standardizes_the_features_once_not_every_step(data, name):
+    head = create_head(name, CHANNELS, SIZES, **({"steps": 2} if name == "flow" else {}))
+    head.prepare(data["train"])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            head.loss(data["val"]), head.input_loss(head.fixed_inputs(data["val"]))
+        )
+    calls = []
+    head.standardize.register_forward_hook(lambda *_: calls.append(1))
+    cfg = TrainConfig(epochs=4, patience=100, batch_size=4, progress=False)
+    result = train_head(head, data["train"], data["val"], cfg)
+    assert result.epochs_run == 4
+    assert len(calls) == 2  # the training and the validation features, 64 images a call
+
+
 def test_early_stopping_stops_after_patience(data):
     head = create_head("flow", CHANNELS, SIZES, steps=2)
     head.prepare(data["train"])
@@ -239,7 +255,7 @@ def test_gmm_head_starts_at_the_em_mixture(data):
     # the position-dependent part is small next to the EM fit it starts from
     assert float((mean - mean.mean(0)).abs().max()) < 0.05 * float(mean.abs().max())
     with torch.no_grad():
-        nll = head._nll_maps(good)[0].flatten()
+        nll = head._nll_maps(head.fixed_inputs(good))[0].flatten()
     direct = mixture_nll(x, logits.mean(0), mean.mean(0), std.mean(0))
     torch.testing.assert_close(nll, direct, atol=0.05, rtol=0.02)
 
@@ -361,6 +377,30 @@ def test_position_whitening_norm_is_the_mahalanobis_distance():
         expected = np.einsum("nc,cd,nd->n", d, np.linalg.inv(corr), d)
         got = z[:, :, row, col].double().pow(2).sum(1).numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["channel", "position", "whiten", "position-whiten"])
+def test_statistics_do_not_depend_on_the_block_size(monkeypatch, mode):
+    """The statistics are fitted over float64 blocks of images or positions; blocks of a
+    few values give what one block of everything gives, and the means and standard
+    deviations are NumPy's."""
+    train = _correlated_features(40, 3)
+    fitted = {}
+    for block in (1 << 30, 100):
+        monkeypatch.setattr(base, "_BLOCK_VALUES", block)
+        standardizer = FeatureStandardizer([5, 3], [(6, 6), (3, 3)], mode)
+        standardizer.fit(train)
+        fitted[block] = standardizer.state_dict()
+    for key, value in fitted[100].items():
+        torch.testing.assert_close(value, fitted[1 << 30][key], rtol=1e-6, atol=1e-6)
+    x = train[1].double().numpy()
+    axes = (0,) if mode.startswith("position") else (0, 2, 3)
+    mean, std = x.mean(axes), x.std(axes, ddof=1)
+    if not mode.startswith("position"):
+        mean, std = mean.ravel(), std.ravel()
+    np.testing.assert_allclose(fitted[100]["mean_1"].numpy(), mean, rtol=1e-5, atol=1e-6)
+    if mode != "position-whiten":  # there: clamped to 1e-3, as the per-position std
+        np.testing.assert_allclose(fitted[100]["std_1"].numpy(), std, rtol=1e-5)
 
 
 def test_position_whitening_refuses_wide_fused_features_and_subsets_wide_layers():

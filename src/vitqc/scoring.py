@@ -8,10 +8,6 @@ image scores the same whatever else shares its batch.
 
 from __future__ import annotations
 
-import functools
-import math
-
-import numpy as np
 import torch
 from torch import nn
 
@@ -19,6 +15,7 @@ from vitqc.backbones.extractor import micro_batches
 from vitqc.calibration import Calibration
 from vitqc.errors import VitqcError
 from vitqc.heads.base import Head
+from vitqc.resampling import resample
 
 
 def maps_at_input_size(
@@ -26,56 +23,9 @@ def maps_at_input_size(
 ) -> torch.Tensor:
     """Patch maps ``[B, h, w]`` -> maps ``[B, H, W]``: bilinear upsampling
     (``align_corners=False``), then a Gaussian blur of ``sigma`` px (radius
-    ``ceil(4 sigma)``, edges replicated; ``sigma <= 0``: none).
-
-    Both steps are linear and separable, so per axis they compose into one ``[H, h]``
-    matrix and a map is ``A_h @ patch @ A_w.T``: two small matrix products at any batch
-    size (a single-channel convolution over a batch of large maps is slow on CPU), and
-    constants of the exported graph.
-    """
-    # plain ints: a traced export sees shapes as tensors, and the grid is fixed per model
-    (h, w), (out_h, out_w) = (int(v) for v in patch_maps.shape[-2:]), size
-    rows = _resampling_matrix(h, int(out_h), float(sigma)).to(patch_maps)
-    cols = _resampling_matrix(w, int(out_w), float(sigma)).to(patch_maps)
-    return rows @ patch_maps @ cols.T
-
-
-@functools.lru_cache(maxsize=32)
-def _resampling_matrix(n: int, size: int, sigma: float) -> torch.Tensor:
-    """``[size, n]``: linear upsampling (``align_corners=False``) followed by the blur,
-    along one axis. Built in NumPy, so that an ONNX export records a constant, not the
-    steps; outside inference mode, as it is cached and reused anywhere."""
-    matrix = _linear_upsampling(n, size)
-    if sigma > 0:
-        matrix = _blur(size, sigma) @ matrix
-    with torch.inference_mode(False):
-        return torch.from_numpy(matrix.astype(np.float32))
-
-
-def _linear_upsampling(n: int, size: int) -> np.ndarray:
-    """``[size, n]``: ``F.interpolate(mode="linear", align_corners=False)`` as a matrix."""
-    if n == size:
-        return np.eye(n)
-    rows = np.arange(size)
-    source = np.maximum((rows + 0.5) * (n / size) - 0.5, 0.0)
-    low = np.floor(source).astype(int)
-    high = np.minimum(low + 1, n - 1)
-    matrix = np.zeros((size, n))
-    np.add.at(matrix, (rows, low), 1.0 - (source - low))
-    np.add.at(matrix, (rows, high), source - low)
-    return matrix
-
-
-def _blur(n: int, sigma: float) -> np.ndarray:
-    """``[n, n]``: a 1-D Gaussian blur (radius ``ceil(4 sigma)``, edges replicated)."""
-    radius = max(1, math.ceil(4 * sigma))
-    offsets = np.arange(-radius, radius + 1)
-    kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
-    rows = np.arange(n)
-    matrix = np.zeros((n, n))
-    for offset, weight in zip(offsets, kernel / kernel.sum(), strict=True):
-        np.add.at(matrix, (rows, np.clip(rows + offset, 0, n - 1)), weight)
-    return matrix
+    ``ceil(4 sigma)``, edges replicated; ``sigma <= 0``: none), as one
+    :func:`vitqc.resampling.resample`."""
+    return resample(patch_maps, size, sigma)
 
 
 def parse_image_score(name: str) -> float:

@@ -9,6 +9,9 @@ synthetic defects, ``vitqc.data.proxy``) the best epoch is the one it rates high
 the starting point (epoch 0) included, and patience counts epochs without a better
 rating: a lower NLL is not always a better detector. The validation loss is then computed
 once, for the kept weights (per epoch it cost about a tenth of the training time).
+
+Steps run on ``head.fixed_inputs`` of the features (through the head's fitted
+standardization), computed once before the first epoch, and ``head.input_loss``.
 """
 
 from __future__ import annotations
@@ -60,12 +63,24 @@ def _batches(features: list[torch.Tensor], batch_size: int, order: torch.Tensor 
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, features: list[torch.Tensor], batch_size: int) -> float:
+def fixed_inputs(head: nn.Module, features: list[torch.Tensor], batch_size: int = 64):
+    """``head.fixed_inputs`` of every image, computed in batches: what training steps on."""
+    head.eval()
+    parts = [head.fixed_inputs(batch) for batch in _batches(features, batch_size)]
+    return [torch.cat(layer) for layer in zip(*parts, strict=True)]
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: nn.Module, features: list[torch.Tensor], batch_size: int, fixed: bool = False
+) -> float:
+    """Mean loss per image of ``features`` (``fixed``: already ``fixed_inputs``)."""
     model.eval()
     total, count = 0.0, 0
     for batch in _batches(features, batch_size):
         n = batch[0].shape[0]
-        total += float(model.loss(batch)) * n
+        loss = model.input_loss(batch) if fixed else model.loss(batch)
+        total += float(loss) * n
         count += n
     return total / max(count, 1)
 
@@ -88,6 +103,9 @@ def train_head(
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     n_train = train_features[0].shape[0]
+    # the part training leaves unchanged (the fitted standardization), once, not per step
+    train_inputs = fixed_inputs(head, train_features)
+    val_inputs = None if val_features is None else fixed_inputs(head, val_features)
     best_state = copy.deepcopy(head.state_dict())
     best_loss, best_epoch, history = math.inf, 0, []
     start = time.perf_counter()
@@ -108,8 +126,8 @@ def train_head(
         head.train()
         running, seen = 0.0, 0
         order = torch.randperm(n_train, generator=generator)
-        for batch in _batches(train_features, config.batch_size, order):
-            loss = head.loss(batch)
+        for batch in _batches(train_inputs, config.batch_size, order):
+            loss = head.input_loss(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {float(loss)} at epoch {epoch}")
             optimizer.zero_grad(set_to_none=True)
@@ -121,7 +139,7 @@ def train_head(
         val_loss = (
             math.nan
             if fixed or select is not None
-            else evaluate_loss(head, val_features, config.batch_size)
+            else evaluate_loss(head, val_inputs, config.batch_size, fixed=True)
         )
         if fixed:
             history.append((train_loss, val_loss))
@@ -154,7 +172,7 @@ def train_head(
         head.load_state_dict(best_state)
     head.eval()
     if select is not None:
-        best_loss = evaluate_loss(head, val_features, config.batch_size)
+        best_loss = evaluate_loss(head, val_inputs, config.batch_size, fixed=True)
     seconds = time.perf_counter() - start
     return TrainResult(
         best_epoch, best_loss, epoch, seconds, stopped, history, best_rating, initial_rating

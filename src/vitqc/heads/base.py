@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitqc.errors import VitqcError
+from vitqc.resampling import resample
 
 STANDARDIZATIONS = ("channel", "position", "whiten", "position-whiten")
 #: Largest per-position whitening (positions x channels^2 values) kept with the weights:
@@ -44,9 +45,7 @@ def concat_at_finest(features: list[torch.Tensor], neighbourhood: int = 1) -> to
             f = F.avg_pool2d(
                 f, neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=False
             )
-        if f.shape[-2:] != size:
-            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-        out.append(f)
+        out.append(resample(f, size))
     return torch.cat(out, 1)
 
 
@@ -69,6 +68,39 @@ def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
     weight = (torch.minimum(beta, delta) / delta.clamp_min(1e-12)).clamp(0, 1)[..., None, None]
     eye = torch.eye(c, dtype=x.dtype, device=x.device)
     return (1 - weight) * cov + weight * mu[..., None, None] * eye
+
+
+#: Values per float64 block when fitting statistics (16 MB): blocks that small are reused
+#: from the heap, where a float64 copy of all the training features (580 MB for
+#: magnetic_tile's fused Lite0 map) touched fresh pages that cost more than the statistics.
+_BLOCK_VALUES = 2 << 20
+
+
+def _moments(
+    f: torch.Tensor, per_position: bool, covariance: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Float64 mean, unbiased variance and (``covariance``) channel covariance of
+    ``f [N, C, H, W]`` over the images (``per_position``: ``[C, H, W]`` each) or over
+    images and positions (``[C]``, covariance ``[C, C]``), two passes over image blocks."""
+    n, c = f.shape[:2]
+    step = max(1, _BLOCK_VALUES // f[0].numel())
+    axis = 0 if per_position else 1  # images, or images x positions as columns
+
+    def blocks():
+        for start in range(0, n, step):
+            x = f[start : start + step].double()
+            yield x if per_position else x.transpose(0, 1).reshape(c, -1)
+
+    count = n if per_position else f[:, 0].numel()
+    mean = sum(x.sum(axis, keepdim=True) for x in blocks()) / count
+    sq, cov = 0.0, None
+    for x in blocks():
+        centered = x - mean
+        sq = sq + centered.pow(2).sum(axis)
+        if covariance:
+            cov = centered @ centered.T + (0.0 if cov is None else cov)
+    denom = max(1, count - 1)
+    return mean.squeeze(axis), sq / denom, None if cov is None else cov / denom
 
 
 class FeatureStandardizer(nn.Module):
@@ -168,17 +200,14 @@ class FeatureStandardizer(nn.Module):
                 self._fit_position_whitening(i, f)
                 continue
             if self.mode == "position":
-                f64 = f.double()
-                getattr(self, f"mean_{i}").copy_(f64.mean(0).float())
-                getattr(self, f"std_{i}").copy_(f64.std(0).clamp_min(1e-3).float())
+                mean, var, _ = _moments(f, per_position=True)
+                getattr(self, f"mean_{i}").copy_(mean.float())
+                getattr(self, f"std_{i}").copy_(var.sqrt().clamp_min(1e-3).float())
                 continue
-            flat = f.transpose(0, 1).reshape(f.shape[1], -1).double()
-            mean = flat.mean(1)
+            mean, var, cov = _moments(f, per_position=False, covariance=self.mode == "whiten")
             getattr(self, f"mean_{i}").copy_(mean.float())
-            getattr(self, f"std_{i}").copy_(flat.std(1).clamp_min(1e-6).float())
+            getattr(self, f"std_{i}").copy_(var.sqrt().clamp_min(1e-6).float())
             if self.mode == "whiten":
-                centered = flat - mean[:, None]
-                cov = centered @ centered.T / max(1, flat.shape[1] - 1)
                 eigval, eigvec = torch.linalg.eigh(cov)
                 # floor tiny eigenvalues so near-constant directions are not blown up
                 eigval = eigval.clamp_min(1e-4 * float(eigval.max()))
@@ -206,21 +235,27 @@ class FeatureStandardizer(nn.Module):
 
     def _fit_position_whitening(self, i: int, f: torch.Tensor) -> None:
         n, c, h, w = f.shape
-        f64 = f.double()
-        mean, std = f64.mean(0), f64.std(0).clamp_min(1e-3)
-        getattr(self, f"mean_{i}").copy_(mean.float())
-        getattr(self, f"std_{i}").copy_(std.float())
+        mean, std = getattr(self, f"mean_{i}"), getattr(self, f"std_{i}")
         whitening = getattr(self, f"whitening_{i}")
-        standardized = ((f64 - mean) / std).flatten(2)  # [N, C, P], computed once
-        # one position block at a time keeps the [p, C, C] products and copies small
-        for start in range(0, h * w, 256):
-            cols = slice(start, min(start + 256, h * w))
-            x = standardized[:, :, cols].permute(2, 0, 1)  # [p, N, C]
+        flat = f.flatten(2)  # [N, C, P], a view
+        # one block of positions at a time, all of it on one contiguous [p, N, C] copy
+        block = max(1, _BLOCK_VALUES // (n * c))
+        for start in range(0, h * w, block):
+            cols = slice(start, min(start + block, h * w))
+            x = (
+                flat[:, :, cols]
+                .permute(2, 0, 1)
+                .to(torch.float64, memory_format=torch.contiguous_format)
+            )
+            m, s = x.mean(1, keepdim=True), x.std(1, keepdim=True).clamp_min(1e-3)
+            x = (x - m) / s
             corr = ledoit_wolf(x) if self.shrink else x.transpose(1, 2) @ x / max(1, n - 1)
             corr = corr + self.ridge * torch.eye(c, dtype=corr.dtype)
             eigval, eigvec = torch.linalg.eigh(corr)
             zca = (eigvec * eigval.clamp_min(1e-12).rsqrt()[:, None, :]) @ eigvec.transpose(1, 2)
             whitening[cols] = zca.float()
+            mean.view(c, -1)[:, cols] = m[:, 0].T.float()
+            std.view(c, -1)[:, cols] = s[:, 0].T.float()
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
@@ -249,13 +284,7 @@ def fuse_maps(maps: list[torch.Tensor]) -> torch.Tensor:
     if len(maps) == 1:
         return maps[0]
     size = _finest([tuple(m.shape[-2:]) for m in maps])
-    resized = [
-        m
-        if m.shape[-2:] == size
-        else F.interpolate(m[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        for m in maps
-    ]
-    return torch.stack(resized).mean(0)
+    return torch.stack([resample(m, size) for m in maps]).mean(0)
 
 
 class Head(nn.Module):
@@ -278,8 +307,18 @@ class Head(nn.Module):
         ``fitted``: a standardizer already fitted on these features, reused when it is
         the kind this head uses (``FeatureStandardizer.fit_or_copy``)."""
 
-    def loss(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def fixed_inputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The features through the part of the head training leaves unchanged (its
+        fitted standardization): what ``input_loss`` takes, so the training loop
+        computes it once per run instead of once per step."""
+        return features
+
+    def input_loss(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """The training loss of ``fixed_inputs(features)``."""
         raise NotImplementedError(f"{self.name} has no training loss")
+
+    def loss(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.input_loss(self.fixed_inputs(features))
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Per-patch anomaly score ``[B, h, w]`` at the finest feature grid."""

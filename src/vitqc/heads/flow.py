@@ -105,18 +105,22 @@ class FlowHead(Head):
     ) -> None:
         self.standardize.fit_or_copy(train_features, fitted)
 
-    def _latents(self, features: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [flow(f) for flow, f in zip(self.flows, self.standardize(features), strict=True)]
+    def fixed_inputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.standardize(features)
 
-    def loss(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def _latents(self, inputs: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [flow(f) for flow, f in zip(self.flows, inputs, strict=True)]
+
+    def input_loss(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         total = 0.0
-        for z, log_jac in self._latents(features):
+        for z, log_jac in self._latents(inputs):
             dims = z[0].numel()
             total = total + torch.mean(0.5 * z.pow(2).flatten(1).sum(1) - log_jac) / dims
         return total / len(self.flows)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return fuse_maps([0.5 * z.pow(2).mean(1) for z, _ in self._latents(features)])
+        latents = self._latents(self.fixed_inputs(features))
+        return fuse_maps([0.5 * z.pow(2).mean(1) for z, _ in latents])
 
     def config(self) -> dict[str, Any]:
         return {

@@ -28,6 +28,8 @@ from torch import nn
 from vitqc.heads.base import FeatureStandardizer, Head, fuse_maps
 
 CONDITIONINGS = ("position", "shared", "embedding")
+#: Training patches the EM start is fitted on (a seeded random subset beyond that).
+EM_POINTS = 20_000
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -111,7 +113,7 @@ class MixtureDensity(nn.Module):
 
     @torch.no_grad()
     def init_from_data(
-        self, patches: torch.Tensor, generator: torch.Generator, max_points: int = 20_000
+        self, patches: torch.Tensor, generator: torch.Generator, max_points: int = EM_POINTS
     ) -> None:
         """Start every position's mixture at an EM fit of the training patches.
 
@@ -270,12 +272,37 @@ class GMMHead(Head):
     ) -> None:
         self.standardize.fit_or_copy(train_features, fitted)
         generator = torch.Generator().manual_seed(self.seed)
-        for mixture, f in zip(self.mixtures, self.standardize(train_features), strict=True):
-            mixture.init_from_data(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), generator)
+        n = train_features[0].shape[0]
+        for i, mixture in enumerate(self.mixtures):
+            h, w = self.standardize.out_sizes[i]
+            # the patches init_from_data would draw (same generator), standardized a block
+            # of images at a time rather than all of them at once
+            take = torch.arange(n * h * w)
+            if take.numel() > EM_POINTS:
+                take = torch.randperm(take.numel(), generator=generator)[:EM_POINTS]
+            mixture.init_from_data(self._standardized_patches(train_features, i, take), generator)
 
-    def _nll_maps(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+    @torch.no_grad()
+    def _standardized_patches(
+        self, features: list[torch.Tensor], layer: int, take: torch.Tensor, block: int = 64
+    ) -> torch.Tensor:
+        """One layer's standardized patches ``take`` (indices into its ``[N * h * w, C]``
+        patch list)."""
+        h, w = self.standardize.out_sizes[layer]
+        image, position = take // (h * w), take % (h * w)
+        out = torch.empty(take.numel(), self.standardize.out_channels[layer])
+        for start in range(0, features[0].shape[0], block):
+            z = self.standardize([f[start : start + block] for f in features])[layer]
+            rows = ((image >= start) & (image < start + block)).nonzero()[:, 0]
+            out[rows] = z.flatten(2)[image[rows] - start, :, position[rows]]
+        return out
+
+    def fixed_inputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.standardize(features)
+
+    def _nll_maps(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         maps = []
-        for mixture, f in zip(self.mixtures, self.standardize(features), strict=True):
+        for mixture, f in zip(self.mixtures, inputs, strict=True):
             b, c, h, w = f.shape
             nll = mixture(f.permute(0, 2, 3, 1).reshape(b, h * w, c))
             maps.append(nll.reshape(b, h, w))
@@ -285,12 +312,12 @@ class GMMHead(Head):
         """NLL per feature dimension, so layers of different widths weigh alike."""
         return [m / c for m, c in zip(maps, self.standardize.out_channels, strict=True)]
 
-    def loss(self, features: list[torch.Tensor]) -> torch.Tensor:
-        maps = self._per_dimension(self._nll_maps(features))
+    def input_loss(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        maps = self._per_dimension(self._nll_maps(inputs))
         return sum(m.mean() for m in maps) / len(maps)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return fuse_maps(self._per_dimension(self._nll_maps(features)))
+        return fuse_maps(self._per_dimension(self._nll_maps(self.fixed_inputs(features))))
 
     def config(self) -> dict[str, Any]:
         return {

@@ -447,7 +447,7 @@ class VTADLHead(Head):
         self.mixture.init_from_data(scored, torch.Generator().manual_seed(self.seed))
         self.train(was_training)
 
-    def loss(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def input_loss(self, features: list[torch.Tensor]) -> torch.Tensor:
         t = self.terms(features)
         return self.combine(t["nll"].mean(), t["mse"].mean(), t["ssim"].mean())
 
