@@ -1,10 +1,9 @@
 """Bilinear resizing and Gaussian blurring of maps as matrix products.
 
 Both are linear and separable, so per axis they compose into one ``[size, n]`` matrix
-and a resized map is ``A_h @ x @ A_w.T``: two small matrix products at any batch size,
-where ``F.interpolate`` and a single-channel convolution are slow on CPU (bilinear
-upsampling of a 32-image batch cost 30 times more per image than the products), and
-constants of an exported graph.
+and a resized map is ``A_h @ x @ A_w.T``: two small matrix products at any batch size
+(a single-channel blur convolution over large maps is slow on CPU; for the resize alone
+they cost about what ``F.interpolate`` does), and constants of an exported graph.
 """
 
 from __future__ import annotations
