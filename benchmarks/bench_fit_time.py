@@ -9,11 +9,13 @@ selection, calibration) and timed as a whole; the table gives the head time, the
 feature-read time and the ratio of the total to the gaussian head's total.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fit_time.py DATA [--heads ...]
+[--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -31,32 +33,51 @@ def main() -> None:
     parser.add_argument(
         "--folds", type=int, default=None, help="threshold folds (default: fit's; 0: none)"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="fit every head this many times, in turn; medians are printed, each ratio "
+        "taken against the gaussian fit of its own round (the machine's speed drifts)",
+    )
     args = parser.parse_args()
     folds = {} if args.folds is None else {"folds": args.folds}
+    heads = args.heads.split(",")
+    if "gaussian" not in heads:
+        heads = ["gaussian", *heads]
     dataset = load_dataset(args.data, category=args.category, seed=0)
+    runs: dict[str, list[tuple[float, float, float, str]]] = {h: [] for h in heads}
     with tempfile.TemporaryDirectory() as tmp:
         cache = args.cache_dir or Path(tmp) / "cache"
         start = time.perf_counter()
         fit(dataset, FitOptions(head="gaussian", cache_dir=cache, progress=False, **folds))
         print(f"first fit (extracts and caches the features): {time.perf_counter() - start:.1f} s")
-        rows = []
-        for head in args.heads.split(","):
-            start = time.perf_counter()
-            options = FitOptions(head=head, cache_dir=cache, progress=False, **folds)
-            _, report = fit(dataset, options)
-            total = time.perf_counter() - start
-            train = report.train
-            epochs = f"{train.best_epoch}/{train.epochs_run}" if train else "-"
-            rows.append((head, report.feature_seconds, report.head_seconds, total, epochs))
-    base = next((r[3] for r in rows if r[0] == "gaussian"), rows[0][3])
-    print(f"{args.data.name}: {len(dataset.train)} train / {len(dataset.val)} val images")
+        for _ in range(args.rounds):
+            for head in heads:
+                start = time.perf_counter()
+                options = FitOptions(head=head, cache_dir=cache, progress=False, **folds)
+                _, report = fit(dataset, options)
+                total = time.perf_counter() - start
+                train = report.train
+                epochs = f"{train.best_epoch}/{train.epochs_run}" if train else "-"
+                runs[head].append((report.feature_seconds, report.head_seconds, total, epochs))
     print(
-        "| head | features from cache (s) | head (s) | total (s) | best/run epochs | x gaussian |"
+        f"{args.data.name}: {len(dataset.train)} train / {len(dataset.val)} val images, "
+        f"{args.rounds} round(s), medians"
+    )
+    print(
+        "| head | features from cache (s) | head (s) | total (s) | best/run epochs "
+        "| x gaussian (per round) |"
     )
     print("|---|---|---|---|---|---|")
-    for head, feat_s, head_s, total, epochs in rows:
-        ratio = total / base
-        print(f"| {head} | {feat_s:.1f} | {head_s:.1f} | {total:.1f} | {epochs} | {ratio:.2f} |")
+    base = [r[2] for r in runs["gaussian"]]
+    for head, rows in runs.items():
+        feat_s, head_s, total = (statistics.median(r[i] for r in rows) for i in range(3))
+        ratios = [r[2] / b for r, b in zip(rows, base, strict=True)]
+        each = ", ".join(f"{x:.2f}" for x in ratios) if len(ratios) > 1 else ""
+        ratio = f"{statistics.median(ratios):.2f}" + (f" ({each})" if each else "")
+        epochs = "; ".join(sorted({r[3] for r in rows}))
+        print(f"| {head} | {feat_s:.1f} | {head_s:.1f} | {total:.1f} | {epochs} | {ratio} |")
 
 
 if __name__ == "__main__":
