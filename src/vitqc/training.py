@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vitqc.heads.base import Head
+
 
 @dataclass
 class TrainConfig:
@@ -64,7 +66,10 @@ def _batches(features: list[torch.Tensor], batch_size: int, order: torch.Tensor 
 
 @torch.no_grad()
 def fixed_inputs(head: nn.Module, features: list[torch.Tensor], batch_size: int = 64):
-    """``head.fixed_inputs`` of every image, computed in batches: what training steps on."""
+    """``head.fixed_inputs`` of every image, computed in batches: what training steps on
+    (the features themselves, not copied, for a head whose fixed part is nothing)."""
+    if getattr(type(head), "fixed_inputs", None) is Head.fixed_inputs:
+        return features
     head.eval()
     parts = [head.fixed_inputs(batch) for batch in _batches(features, batch_size)]
     return [torch.cat(layer) for layer in zip(*parts, strict=True)]
@@ -72,14 +77,14 @@ def fixed_inputs(head: nn.Module, features: list[torch.Tensor], batch_size: int 
 
 @torch.no_grad()
 def evaluate_loss(
-    model: nn.Module, features: list[torch.Tensor], batch_size: int, fixed: bool = False
+    model: nn.Module, features: list[torch.Tensor], batch_size: int, from_inputs: bool = False
 ) -> float:
-    """Mean loss per image of ``features`` (``fixed``: already ``fixed_inputs``)."""
+    """Mean loss per image of ``features`` (``from_inputs``: already ``fixed_inputs``)."""
     model.eval()
     total, count = 0.0, 0
     for batch in _batches(features, batch_size):
         n = batch[0].shape[0]
-        loss = model.input_loss(batch) if fixed else model.loss(batch)
+        loss = model.input_loss(batch) if from_inputs else model.loss(batch)
         total += float(loss) * n
         count += n
     return total / max(count, 1)
@@ -139,7 +144,7 @@ def train_head(
         val_loss = (
             math.nan
             if fixed or select is not None
-            else evaluate_loss(head, val_inputs, config.batch_size, fixed=True)
+            else evaluate_loss(head, val_inputs, config.batch_size, from_inputs=True)
         )
         if fixed:
             history.append((train_loss, val_loss))
@@ -172,7 +177,7 @@ def train_head(
         head.load_state_dict(best_state)
     head.eval()
     if select is not None:
-        best_loss = evaluate_loss(head, val_inputs, config.batch_size, fixed=True)
+        best_loss = evaluate_loss(head, val_inputs, config.batch_size, from_inputs=True)
     seconds = time.perf_counter() - start
     return TrainResult(
         best_epoch, best_loss, epoch, seconds, stopped, history, best_rating, initial_rating
