@@ -12,7 +12,13 @@ from sklearn.covariance import ledoit_wolf
 from vitqc.errors import VitqcError
 from vitqc.heads import PAPER_DEFAULTS, base, create_head, fuse_maps, head_defaults
 from vitqc.heads.base import FeatureStandardizer
-from vitqc.heads.gmm import GMMHead, _shared_mixture_nll, fit_diagonal_gmm, mixture_nll
+from vitqc.heads.gmm import (
+    GMMHead,
+    MixtureDensity,
+    _shared_mixture_nll,
+    fit_diagonal_gmm,
+    mixture_nll,
+)
 from vitqc.heads.knn import greedy_coreset
 from vitqc.training import TrainConfig, evaluate_loss, train_head
 
@@ -303,6 +309,26 @@ def test_gmm_inference_cache_never_goes_stale(data):
         head.mixtures[1]._inference_terms = None
         torch.testing.assert_close(after, head(data["bad"]))
     assert not torch.allclose(after, changed)
+
+
+@pytest.mark.parametrize("offset", [0.0, 100.0])
+def test_gmm_inference_mixture_in_float32_matches_float64(offset):
+    """The inference mixture is kept in float32 and expanded around the centre of the
+    components' means, so inputs far from zero (VT-ADL's embeddings are not
+    standardized) score as the float64 density does, to float32's rounding."""
+    g = torch.Generator().manual_seed(0)
+    mixture = MixtureDensity(16, (3, 3), 4, "position", 8, min_std=0.05)
+    patches = offset + torch.randn(500, 16, generator=g)
+    mixture.init_from_data(patches, torch.Generator().manual_seed(1))
+    mixture.eval()
+    x = offset + torch.randn(6, 9, 16, generator=g)
+    x[0] += 5.0  # one far from every component
+    with torch.no_grad():
+        params = [t.double() for t in mixture.parameters_for(mixture.position)]
+        expected = mixture_nll(x.double(), *params)
+        got = mixture(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-4)
 
 
 def test_per_position_standardization_removes_positional_statistics():
