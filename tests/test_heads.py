@@ -523,3 +523,19 @@ def test_gaussian_head_keeps_a_seeded_channel_subset_where_whitening_would_not_f
     old_layout.update({k: v for k, v in head.state_dict().items() if k != "standardize.channels_0"})
     again.load_state_dict(old_layout)
     torch.testing.assert_close(again(features), head(features))
+
+
+@pytest.mark.parametrize("name", ["flow", "gmm"])
+def test_fixed_inputs_of_a_training_set_are_those_of_the_whole_batch(data, name):
+    from vitqc.training import fixed_inputs
+
+    head = create_head(name, CHANNELS, SIZES)
+    head.prepare(data["train"])
+    head.eval()
+    with torch.no_grad():
+        whole = head.fixed_inputs(data["train"])
+    for batch_size in (5, 48, 64):  # a short last batch, exactly one, more than all
+        parts = fixed_inputs(head, data["train"], batch_size=batch_size)
+        for got, expected in zip(parts, whole, strict=True):
+            assert got.is_contiguous()
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

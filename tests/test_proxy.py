@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -265,3 +267,33 @@ def test_image_scores_of_one_model_share_its_maps_and_match_one_by_one(dataset, 
         model.image_score = name
         assert together[name] == pytest.approx(proxy.figures(model), rel=1e-6)
     assert together["max"]["image_auroc"] != together["mean"]["image_auroc"]
+
+
+@pytest.mark.parametrize("head", ["flow", "gmm", "vtadl"])
+def test_ratings_in_training_standardize_the_proxy_features_once(dataset, tmp_path, head):
+    """A rater scores the head's fixed inputs, computed once: its figures are those of
+    the model scored from its features, rating after rating (the head changing), and
+    the standardization runs on the proxy features only when the rater is made."""
+    from vitqc.pipeline import FitOptions, _ModelSearch
+
+    options = {"gmm": {"n_components": 4}, "flow": {"steps": 2}}.get(head, {})
+    fit_options = FitOptions(head=head, head_options=options, progress=False)
+    search = _ModelSearch(dataset, replace(fit_options, cache_dir=tmp_path / "cache"))
+    (cand, overrides), *_ = search.choices()
+    model = search.build(cand, overrides, preview=False)
+    proxy = search.features(cand.layers).proxy
+    calls = []
+    if head != "vtadl":  # VT-ADL has no fixed part: its rater is figures itself
+        model.head.standardize.register_forward_hook(lambda *_: calls.append(1))
+    rate, ratings = proxy.rater(model), []
+    for _ in range(2):
+        before = len(calls)
+        ratings.append(rate())
+        assert len(calls) == before  # nothing standardized again
+        assert ratings[-1] == pytest.approx(proxy.figures(model), rel=1e-5)
+        model.head.train()  # an epoch's worth of change
+        with torch.no_grad():
+            for p in model.head.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    assert ratings[0]["proxy"] != ratings[1]["proxy"]
+    assert head == "vtadl" or len(calls) > 0  # figures() standardizes every time

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from vitqc.heads import (
 )
 from vitqc.heads.base import FeatureStandardizer, Head
 from vitqc.scoring import AnomalyModel, aggregate_maps
-from vitqc.training import TrainConfig, TrainResult, train_head
+from vitqc.training import TrainConfig, TrainResult, fixed_inputs, has_fixed_inputs, train_head
 
 
 @dataclass
@@ -165,13 +165,34 @@ class ProxyValidation:
     def figures(self, model: AnomalyModel) -> dict[str, float]:
         return self.figures_by_image_score(model, [model.image_score])[model.image_score]
 
+    def rater(self, model: AnomalyModel) -> Callable[[], dict[str, float]]:
+        """``figures(model)`` for a model rated again and again as its head trains: the
+        part training leaves unchanged (``Head.fixed_inputs``, the fitted standardization)
+        runs on the good and defective features once, not at every rating."""
+        if not has_fixed_inputs(model.head):
+            return lambda: self.figures(model)
+        good = fixed_inputs(model.head, self.good_features)
+        defect = fixed_inputs(model.head, self.defect_features)
+
+        def rate() -> dict[str, float]:
+            score = model.image_score
+            return self.figures_by_image_score(model, [score], (good, defect))[score]
+
+        return rate
+
     def figures_by_image_score(
-        self, model: AnomalyModel, image_scores: Sequence[str]
+        self,
+        model: AnomalyModel,
+        image_scores: Sequence[str],
+        inputs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
     ) -> dict[str, dict[str, float]]:
         """The figures of one model under several image scores: its maps (the costly
-        part) are computed once, each image score aggregates them as the model would."""
-        good_scores, good_maps = score_features(model, self.good_features)
-        defect_scores, defect_maps = score_features(model, self.defect_features)
+        part) are computed once, each image score aggregates them as the model would.
+        ``inputs``: the head's ``fixed_inputs`` of the good and the defective features."""
+        good_in, defect_in = inputs or (self.good_features, self.defect_features)
+        from_inputs = inputs is not None
+        good_scores, good_maps = score_features(model, good_in, from_inputs=from_inputs)
+        defect_scores, defect_maps = score_features(model, defect_in, from_inputs=from_inputs)
         own_score = type(model.head).score is not Head.score  # VT-ADL: map-independent
         out = {}
         for name in image_scores:
@@ -530,10 +551,11 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
     result, rated_epochs = None, []  # proxy figures of epoch 0, 1, ... when rated
 
     def select() -> float:
-        rated_epochs.append(proxy.figures(model))
+        rated_epochs.append(rate())
         return rated_epochs[-1]["proxy"]
 
     if head.trainable:
+        rate = proxy.rater(model) if selection == "proxy" else None
         use = select if selection == "proxy" else None
         result = train_head(head, feats.train, feats.val, train_cfg, select=use)
     head.eval()
@@ -571,13 +593,18 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
 
 
 def score_features(
-    model: AnomalyModel, features: list[torch.Tensor], batch_size: int = 32
+    model: AnomalyModel,
+    features: list[torch.Tensor],
+    batch_size: int = 32,
+    from_inputs: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Image scores ``[N]`` and maps ``[N, H, W]`` (input size) from cached features."""
+    """Image scores ``[N]`` and maps ``[N, H, W]`` (input size) from cached features
+    (``from_inputs``: the head's ``fixed_inputs`` of them)."""
     scores, maps = [], []
     n = features[0].shape[0]
     for start in range(0, n, batch_size):
-        m, s = model.maps_from_features([f[start : start + batch_size] for f in features])
+        batch = [f[start : start + batch_size] for f in features]
+        m, s = model.maps_from_features(batch, from_inputs=from_inputs)
         maps.append(m.numpy())
         scores.append(s.numpy())
     if not maps:

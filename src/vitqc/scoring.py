@@ -107,14 +107,20 @@ class AnomalyModel(nn.Module):
             parts = [self.extractor(self.preprocessor(x)) for x in micro_batches(x01)]
         return parts[0] if len(parts) == 1 else [torch.cat(f) for f in zip(*parts, strict=True)]
 
-    def maps_from_features(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Head on (cached) features -> maps at input size and image scores."""
+    def maps_from_features(
+        self, features: list[torch.Tensor], from_inputs: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Head on (cached) features -> maps at input size and image scores
+        (``from_inputs``: the features are already the head's ``fixed_inputs``)."""
         with torch.no_grad():
             self.head.eval()
             features = [f.float() for f in features]
             # a head may define its own image-level score (VT-ADL's loss terms);
             # otherwise (None) the image score aggregates the map
-            patch, scores = self.head.score(features)
+            if from_inputs:
+                patch, scores = self.head.input_maps(features), None
+            else:
+                patch, scores = self.head.score(features)
             maps = maps_at_input_size(patch, self.input_size, self.smoothing_sigma)
         return maps, scores if scores is not None else aggregate_maps(maps, self.image_score)
 

@@ -64,15 +64,27 @@ def _batches(features: list[torch.Tensor], batch_size: int, order: torch.Tensor 
         yield [f[take] for f in features]
 
 
+def has_fixed_inputs(head: nn.Module) -> bool:
+    """Whether ``head`` has a part training leaves unchanged (``Head.fixed_inputs``)."""
+    return getattr(type(head), "fixed_inputs", Head.fixed_inputs) is not Head.fixed_inputs
+
+
 @torch.no_grad()
 def fixed_inputs(head: nn.Module, features: list[torch.Tensor], batch_size: int = 64):
-    """``head.fixed_inputs`` of every image, computed in batches: what training steps on
-    (the features themselves, not copied, for a head whose fixed part is nothing)."""
-    if getattr(type(head), "fixed_inputs", None) is Head.fixed_inputs:
+    """``head.fixed_inputs`` of every image, computed in batches into one tensor per
+    layer: what training steps on (the features themselves, not copied, for a head
+    whose fixed part is nothing)."""
+    if not has_fixed_inputs(head):
         return features
     head.eval()
-    parts = [head.fixed_inputs(batch) for batch in _batches(features, batch_size)]
-    return [torch.cat(layer) for layer in zip(*parts, strict=True)]
+    out: list[torch.Tensor] = []
+    for start in range(0, features[0].shape[0], batch_size):
+        part = head.fixed_inputs([f[start : start + batch_size] for f in features])
+        if not out:
+            out = [p.new_empty((features[0].shape[0], *p.shape[1:])) for p in part]
+        for layer, p in zip(out, part, strict=True):
+            layer[start : start + p.shape[0]] = p
+    return out
 
 
 @torch.no_grad()

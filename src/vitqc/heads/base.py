@@ -320,9 +320,14 @@ class Head(nn.Module):
     def loss(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.input_loss(self.fixed_inputs(features))
 
+    def input_maps(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """``forward`` of ``fixed_inputs(features)``: what a rating during training
+        scores, the fixed part computed once for all its ratings."""
+        raise NotImplementedError(f"{self.name} scores its features in forward")
+
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Per-patch anomaly score ``[B, h, w]`` at the finest feature grid."""
-        raise NotImplementedError
+        return self.input_maps(self.fixed_inputs(features))
 
     def score(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(forward(features), image scores [B] or None)`` in one pass; None lets the

@@ -118,9 +118,8 @@ class FlowHead(Head):
             total = total + torch.mean(0.5 * z.pow(2).flatten(1).sum(1) - log_jac) / dims
         return total / len(self.flows)
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        latents = self._latents(self.fixed_inputs(features))
-        return fuse_maps([0.5 * z.pow(2).mean(1) for z, _ in latents])
+    def input_maps(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return fuse_maps([0.5 * z.pow(2).mean(1) for z, _ in self._latents(inputs)])
 
     def config(self) -> dict[str, Any]:
         return {

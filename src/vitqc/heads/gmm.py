@@ -329,8 +329,8 @@ class GMMHead(Head):
         maps = self._per_dimension(self._nll_maps(inputs))
         return sum(m.mean() for m in maps) / len(maps)
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return fuse_maps(self._per_dimension(self._nll_maps(self.fixed_inputs(features))))
+    def input_maps(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return fuse_maps(self._per_dimension(self._nll_maps(inputs)))
 
     def config(self) -> dict[str, Any]:
         return {
