@@ -149,13 +149,13 @@ class MixtureDensity(nn.Module):
             terms = _shared_mixture_terms(*self.parameters_for(self.position))
         else:
             # The mixture does not depend on the input: at inference compute it once,
-            # not once per batch (at batch 1 that was most of the head's time), in
-            # float64, and keep it in float32 around the components' centre (see
-            # _inference_terms): a call reads all of it, and half the bytes is most of
-            # the saving; an image's score then depends on its batch only by rounding.
+            # not once per batch (at batch 1 that was most of the head's time), around
+            # the components' centre (see _inference_terms), so float32 suffices: a
+            # call reads all of it, and an image's score depends on its batch only by
+            # rounding.
             if self._inference_terms is None:
                 with torch.no_grad():
-                    params = [t.double() for t in self.parameters_for(self.position)]
+                    params = self.parameters_for(self.position)
                     self._inference_terms = _inference_terms(*params)
             return _inference_nll(x, *self._inference_terms)
         return _shared_mixture_nll_from_terms(x, *terms)
@@ -199,19 +199,23 @@ def _component_log_joint(
 def _inference_terms(
     logits: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
 ) -> tuple[torch.Tensor, ...]:
-    """The mixture laid out for ``_inference_nll``, computed in the parameters' dtype
-    (float64) and kept in float32: ``[P, 2D, K]`` weights of ``[y^2, y]`` for ``y`` the
-    input less the centre of the components' means (one batched matrix product per
-    call, nothing copied), ``[P, K]`` constants and log normalizers, ``[P, D]`` centre.
+    """The mixture laid out for ``_inference_nll``: ``[P, 2D, K]`` weights of
+    ``[y^2, y]`` for ``y`` the input less the centre of the components' means (one
+    batched matrix product per call, nothing copied), ``[P, K]`` constants and log
+    normalizers, ``[P, D]`` centre.
 
     Expanding the square around the centre instead of zero keeps its terms near the size
     of the result, so float32 loses no more than its rounding where the inputs lie far
-    from zero (VT-ADL's embeddings)."""
+    from zero (VT-ADL's embeddings). Computed at every rating of a head in training, so
+    with one copy into the layout (no float64 pass, no concatenation)."""
     centre = mean.mean(-2)
     terms = _shared_mixture_terms(logits, mean - centre.unsqueeze(-2), std)
     inv_var, mean_inv_var, mean_sq, log_norm = terms
-    weights = torch.cat([inv_var, -2 * mean_inv_var], -1).transpose(1, 2).contiguous()
-    return tuple(t.float() for t in (weights, mean_sq, log_norm, centre))
+    p, k, d = inv_var.shape
+    weights = inv_var.new_empty(p, 2 * d, k)
+    weights[:, :d] = inv_var.transpose(1, 2)
+    weights[:, d:] = mean_inv_var.transpose(1, 2).mul(-2)
+    return weights, mean_sq, log_norm, centre
 
 
 def _inference_nll(
