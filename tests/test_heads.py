@@ -539,3 +539,21 @@ def test_fixed_inputs_of_a_training_set_are_those_of_the_whole_batch(data, name)
         for got, expected in zip(parts, whole, strict=True):
             assert got.is_contiguous()
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_flow_convolves_channels_last_with_the_same_maps(data):
+    head = create_head("flow", CHANNELS, SIZES, steps=2)
+    head.prepare(data["train"])
+    head.eval()
+    convs = [m for m in head.flows.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    with torch.no_grad():
+        maps = head(data["bad"])
+        head.flows.to(memory_format=torch.contiguous_format)
+        plain = fuse_maps(
+            [
+                0.5 * flow(f)[0].pow(2).mean(1)
+                for flow, f in zip(head.flows, head.fixed_inputs(data["bad"]), strict=True)
+            ]
+        )
+    torch.testing.assert_close(maps, plain, rtol=1e-5, atol=1e-5)
