@@ -555,8 +555,9 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         return rated_epochs[-1]["proxy"]
 
     if head.trainable:
-        rate = proxy.rater(model) if selection == "proxy" else None
-        use = select if selection == "proxy" else None
+        use = None
+        if selection == "proxy":
+            rate, use = proxy.rater(model), select
         result = train_head(head, feats.train, feats.val, train_cfg, select=use)
     head.eval()
     if rated_epochs:  # the best epoch's weights are back: its figures are the model's

@@ -321,8 +321,9 @@ class Head(nn.Module):
         return self.input_loss(self.fixed_inputs(features))
 
     def input_maps(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        """``forward`` of ``fixed_inputs(features)``: what a rating during training
-        scores, the fixed part computed once for all its ratings."""
+        """Patch maps from inputs already through the fixed part:
+        ``forward(features) == input_maps(fixed_inputs(features))``. Ratings during
+        training score these, the fixed part computed once for all of them."""
         raise NotImplementedError(f"{self.name} scores its features in forward")
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
