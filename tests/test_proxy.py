@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import pytest
 import torch
@@ -277,8 +275,10 @@ def test_ratings_in_training_standardize_the_proxy_features_once(dataset, tmp_pa
     from vitqc.pipeline import FitOptions, _ModelSearch
 
     options = {"gmm": {"n_components": 4}, "flow": {"steps": 2}}.get(head, {})
-    fit_options = FitOptions(head=head, head_options=options, progress=False)
-    search = _ModelSearch(dataset, replace(fit_options, cache_dir=tmp_path / "cache"))
+    fit_options = FitOptions(
+        head=head, head_options=options, progress=False, cache_dir=tmp_path / "cache"
+    )
+    search = _ModelSearch(dataset, fit_options)
     (cand, overrides), *_ = search.choices()
     model = search.build(cand, overrides, preview=False)
     proxy = search.features(cand.layers).proxy
