@@ -66,6 +66,18 @@ def test_mixture_nll_matches_scipy():
     # the expanded-square form used for position/shared conditioning agrees
     shared = _shared_mixture_nll(t(x)[None], t(logits)[None], t(mean)[None], t(std)[None])
     np.testing.assert_allclose(shared.numpy()[0], expected, rtol=1e-8)
+    # over a batch, and with one mixture per position (the points as positions)
+    batch = torch.stack([t(x), t(x).flip(0)])
+    shared = _shared_mixture_nll(batch, t(logits)[None], t(mean)[None], t(std)[None])
+    np.testing.assert_allclose(shared.numpy(), [expected, expected[::-1]], rtol=1e-8)
+    p_logits = rng.normal(size=(n, k))
+    p_mean, p_std = rng.normal(size=(n, k, d)), rng.uniform(0.3, 2.0, size=(n, k, d))
+    per_position = _shared_mixture_nll(batch, t(p_logits), t(p_mean), t(p_std))
+    np.testing.assert_allclose(
+        per_position.numpy()[0],
+        mixture_nll(t(x), t(p_logits), t(p_mean), t(p_std)).numpy(),
+        rtol=1e-8,
+    )
 
 
 @pytest.mark.parametrize(
@@ -222,6 +234,7 @@ def test_backbone_head_overrides_replace_table_2_where_it_has_no_row():
     gmm = head_defaults("gmm", "tf_efficientnet_lite0", "cnn")
     assert gmm["head"]["n_components"] == 50 and gmm["batch_size"] == 32
     assert gmm["head"]["standardize"] == "position-whiten" and gmm["head"]["fuse"]
+    assert gmm["head"]["conditioning"] == "shared"  # the whitening carries the position
     assert head_defaults("knn", "tf_efficientnet_lite0", "cnn")["head"] == {
         "standardize": "position",
         "fuse": True,

@@ -159,7 +159,8 @@ def fit(
     weight_decay: Annotated[float | None, typer.Option(help="default: paper's Table 2")] = None,
     components: Annotated[int | None, typer.Option(help="gmm: mixture components")] = None,
     conditioning: Annotated[
-        str | None, typer.Option(help="gmm: position (default), shared or embedding (paper)")
+        str | None,
+        typer.Option(help="gmm: position, shared (EfficientNet-Lite default) or embedding"),
     ] = None,
     flow_steps: Annotated[int | None, typer.Option(help="flow: number of flow steps")] = None,
     hidden_ratio: Annotated[float | None, typer.Option(help="flow: subnet hidden ratio")] = None,

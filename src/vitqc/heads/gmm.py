@@ -10,7 +10,9 @@ What the MLPs are conditioned on:
 - ``"position"`` (default): a learned embedding of the patch's grid position, so the
   mixture can differ between, say, the border and the centre of a part, but never
   sees the vector it scores.
-- ``"shared"``: one mixture for every position (a classic GMM trained by SGD).
+- ``"shared"``: one mixture for every position (a classic GMM trained by SGD); the
+  default on features whitened per position, which already carry the position
+  (``backbones.registry``).
 - ``"embedding"``: the paper's variant, conditioned on the very embedding it scores.
   The head can then place a component on its input and call everything likely; kept
   only to reproduce the paper.
@@ -187,12 +189,14 @@ def _component_log_joint(
     log_norm: torch.Tensor,
 ) -> torch.Tensor:
     """``log pi_k + log N(x; mu_k, sigma_k^2)`` for every component: ``[B, P, K]``."""
-    p = x.shape[1]
-    quad = (
-        torch.einsum("bpd,pkd->bpk", x.pow(2), inv_var.expand(p, -1, -1))
-        - 2 * torch.einsum("bpd,pkd->bpk", x, mean_inv_var.expand(p, -1, -1))
-        + mean_sq
-    )
+    if inv_var.shape[0] == 1:  # one mixture for every position: one matrix product each
+        quad = x.pow(2) @ inv_var[0].T - 2 * (x @ mean_inv_var[0].T) + mean_sq
+    else:
+        quad = (
+            torch.einsum("bpd,pkd->bpk", x.pow(2), inv_var)
+            - 2 * torch.einsum("bpd,pkd->bpk", x, mean_inv_var)
+            + mean_sq
+        )
     return log_norm - 0.5 * quad.clamp_min(0)
 
 
