@@ -11,7 +11,7 @@ from sklearn.covariance import ledoit_wolf
 
 from vitqc.errors import VitqcError
 from vitqc.heads import PAPER_DEFAULTS, base, create_head, fuse_maps, head_defaults
-from vitqc.heads.base import FeatureStandardizer
+from vitqc.heads.base import FeatureStandardizer, concat_at_finest
 from vitqc.heads.gmm import (
     GMMHead,
     MixtureDensity,
@@ -416,6 +416,31 @@ def test_position_whitening_norm_is_the_mahalanobis_distance():
         expected = np.einsum("nc,cd,nd->n", d, np.linalg.inv(corr), d)
         got = z[:, :, row, col].double().pow(2).sum(1).numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-3)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_position_whitening_is_the_per_position_product_and_leaves_its_input_alone(fuse):
+    """The whitening lays the (fused) features out position-major itself; what it returns
+    is exactly the whitening matrix times the standardized (concatenated) vector at each
+    position, for one image or several, and the caller's features are not touched."""
+    channels, sizes = [1, 3], [(6, 6), (3, 3)]  # one channel: a [P, 1, 1] layout
+    g = torch.Generator().manual_seed(4)
+    train = [torch.randn(30, c, *s, generator=g) for c, s in zip(channels, sizes, strict=True)]
+    standardizer = FeatureStandardizer(channels, sizes, "position-whiten", fuse=fuse)
+    standardizer.fit(train)
+    inputs = concat_at_finest(train) if fuse else None
+    for n in (1, 5):
+        features = [f[:n].clone() for f in train]
+        out = standardizer(features)
+        for f, kept in zip(features, train, strict=True):
+            assert torch.equal(f, kept[:n])
+        layers = [inputs[:n]] if fuse else features
+        for i, (x, z) in enumerate(zip(layers, out, strict=True)):
+            c, (h, w) = x.shape[1], x.shape[2:]
+            d = (x - getattr(standardizer, f"mean_{i}")) / getattr(standardizer, f"std_{i}")
+            d = d.flatten(2).permute(2, 1, 0)  # [P, C, N]
+            expected = (getattr(standardizer, f"whitening_{i}") @ d).permute(2, 1, 0)
+            torch.testing.assert_close(z, expected.reshape(n, c, h, w), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["channel", "position", "whiten", "position-whiten"])

@@ -257,19 +257,39 @@ class FeatureStandardizer(nn.Module):
             mean.view(c, -1)[:, cols] = m[:, 0].T.float()
             std.view(c, -1)[:, cols] = s[:, 0].T.float()
 
+    def _position_major(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each output layer's input as a new contiguous ``[P, C, B]`` tensor (positions,
+        channels, images), what the per-position products take: the layers of a fused
+        map are resampled and laid out straight into it (one copy, no concatenated
+        ``[B, C, h, w]`` map, no separate transposed copy)."""
+        if self.fuse:
+            size = self.out_sizes[0]
+            layers = [[resample(f, size) for f in features]]
+        else:
+            layers = [[f] for f in self._inputs(features)]
+        return [torch.cat([f.flatten(2).permute(2, 1, 0) for f in parts], 1) for parts in layers]
+
+    def _whiten_positions(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``'s ``[P, C, B]`` input (overwritten) standardized and whitened per
+        position: ``[B, C, h, w]``."""
+        p, c, b = x.shape
+        mean, std = getattr(self, f"mean_{i}"), getattr(self, f"std_{i}")
+        x.sub_(mean.view(c, p).T.unsqueeze(-1)).div_(std.view(c, p).T.unsqueeze(-1))
+        # one matrix product per position on contiguous operands, the stored [P, C, C]
+        # used in place (einsum copied it on every call, and a strided right-hand side
+        # makes bmm copy it position by position)
+        z = torch.bmm(getattr(self, f"whitening_{i}"), x)  # [P, C, B]
+        return z.permute(2, 1, 0).reshape(b, c, *self.out_sizes[i])
+
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.mode == "position-whiten":
+            return [
+                self._whiten_positions(i, x) for i, x in enumerate(self._position_major(features))
+            ]
         out = []
         for i, f in enumerate(self._inputs(features)):
             mean, std = getattr(self, f"mean_{i}"), getattr(self, f"std_{i}")
-            if self.mode == "position-whiten":
-                b, c, h, w = f.shape
-                x = ((f - mean) / std).flatten(2).permute(2, 1, 0).contiguous()  # [P, C, B]
-                # one matrix product per position on contiguous operands, the stored
-                # [P, C, C] used in place (einsum copied it on every call, and a strided
-                # right-hand side makes bmm copy it position by position)
-                z = torch.bmm(getattr(self, f"whitening_{i}"), x)  # [P, C, B]
-                out.append(z.permute(2, 1, 0).reshape(b, c, h, w))
-            elif self.mode == "position":
+            if self.mode == "position":
                 out.append((f - mean) / std)
             elif self.mode == "whiten":
                 centered = f - mean.view(1, -1, 1, 1)
