@@ -242,7 +242,11 @@ def test_backbone_head_overrides_replace_table_2_where_it_has_no_row():
     assert head_defaults("knn", "resnet50", "cnn")["head"] == {}
     # DINOv2's GMM starts from the whitened Gaussian; the rest of Table 2's ViT row stays
     dino = head_defaults("gmm", "vit_small_patch14_dinov2", "transformer")
-    assert dino["head"] == {"n_components": 100, "standardize": "position-whiten"}
+    assert dino["head"] == {
+        "n_components": 100,
+        "standardize": "position-whiten",
+        "conditioning": "shared",
+    }
     assert dino["lr"] == 1e-4 and dino["batch_size"] == 8
     flow = head_defaults("flow", "vit_small_patch14_dinov2", "transformer")
     assert flow["head"] == {"steps": 20, "hidden_ratio": 0.16, "standardize": "position-whiten"}

@@ -160,7 +160,7 @@ def fit(
     components: Annotated[int | None, typer.Option(help="gmm: mixture components")] = None,
     conditioning: Annotated[
         str | None,
-        typer.Option(help="gmm: position, shared (EfficientNet-Lite default) or embedding"),
+        typer.Option(help="gmm: position, shared (on whitened features) or embedding"),
     ] = None,
     flow_steps: Annotated[int | None, typer.Option(help="flow: number of flow steps")] = None,
     hidden_ratio: Annotated[float | None, typer.Option(help="flow: subnet hidden ratio")] = None,

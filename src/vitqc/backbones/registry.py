@@ -67,17 +67,19 @@ class BackboneSpec:
 # epochs at 4x the cost per epoch); GMM 0.856 / 0.716 / 0.755 -> 0.965 / 0.784 / 0.759 on
 # the fused map (about 0.94 / 0.76 / 0.76 per stage). The knn head gains image AUROC
 # from per-position statistics too (heads/knn.py): 0.931 / 0.837 / 0.763 -> 0.967 /
-# 0.812 / 0.744. On the whitened fused map the GMM's mixture is shared by every position:
+# 0.812 / 0.744. On whitened features the GMM's mixture is shared by every position:
 # conditioning it on the position gave the same test figures on magnetic_tile and
-# kolektorsdd, proxy- or loss-selected, a validation NLL that rose after the first epoch
-# where the shared one kept falling, and cost 5x per training step (issue 14 notes).
+# kolektorsdd (EfficientNet-Lite0, proxy- or loss-selected; DINOv2 i7), a validation NLL
+# that rose after the first epoch where the shared one kept falling (Lite0), and cost 5x
+# per training step on Lite0, 7x per fit on DINOv2 (issue 14 notes).
 _WHITENED = {"standardize": "position-whiten"}
+_WHITENED_GMM = {**_WHITENED, "conditioning": "shared"}
 _LITE_HEAD_OVERRIDES: dict[str, dict[str, Any]] = {
     "flow": {"batch_size": 32, "lr": 1e-3, "head": {"hidden_ratio": 1.0, **_WHITENED}},
     "gmm": {
         "batch_size": 32,
         "lr": 1e-3,
-        "head": {**_WHITENED, "fuse": True, "conditioning": "shared"},
+        "head": {**_WHITENED_GMM, "fuse": True},
     },
     "knn": {"head": {"standardize": "position", "fuse": True}},
 }
@@ -110,9 +112,10 @@ def _efficientnet_lite(variant: int, role: str) -> BackboneSpec:
 # DINOv2's flow and GMM start from the per-position whitened Gaussian, as on
 # EfficientNet-Lite (384 channels on 16 x 16 keep a seeded subset of 353 for it): chosen on
 # magnetic_tile and kolektorsdd at block 7 against Table 2's per-position standardization
-# (issue 16 notes). The rest of Table 2's ViT rows stays.
+# (issue 16 notes); the GMM's mixture shared by every position (above). The rest of Table
+# 2's ViT rows stays.
 _DINOV2_HEAD_OVERRIDES: dict[str, dict[str, Any]] = {
-    "gmm": {"head": dict(_WHITENED)},
+    "gmm": {"head": dict(_WHITENED_GMM)},
     "flow": {"head": dict(_WHITENED)},
 }
 
