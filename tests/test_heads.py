@@ -599,3 +599,19 @@ def test_flow_convolves_channels_last_with_the_same_maps(data):
             ]
         )
     torch.testing.assert_close(maps, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_head_latency_benchmark_times_each_variant_on_the_backbone_shapes(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_head_latency.py"
+    spec = importlib.util.spec_from_file_location("bench_head_latency", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    medians = bench.main(["--heads", "gaussian,gmm", "--rounds", "1", "--min-seconds", "0.01"])
+    assert list(medians) == ["gaussian", "gmm"]
+    assert all(ms[b] > 0 for ms in medians.values() for b in (1, 32))
+    out = capsys.readouterr().out
+    assert "features [40, 112] on [(28, 28), (14, 14)]" in out  # Lite0's default layers
+    assert out.count("\n") == 4  # the shapes, the header and one row per variant
