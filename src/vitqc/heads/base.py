@@ -35,9 +35,9 @@ def _finest(sizes: list[tuple[int, int]]) -> tuple[int, int]:
     return max(sizes, key=lambda s: s[0] * s[1])
 
 
-def concat_at_finest(features: list[torch.Tensor], neighbourhood: int = 1) -> torch.Tensor:
-    """``[B, sum C, h, w]``: the maps (optionally averaged over a ``neighbourhood`` x
-    ``neighbourhood`` window) brought to the finest grid (bilinear) and concatenated."""
+def at_finest(features: list[torch.Tensor], neighbourhood: int = 1) -> list[torch.Tensor]:
+    """The maps (optionally averaged over a ``neighbourhood`` x ``neighbourhood``
+    window) brought to the finest grid (bilinear)."""
     size = _finest([tuple(f.shape[-2:]) for f in features])
     out = []
     for f in features:
@@ -46,7 +46,12 @@ def concat_at_finest(features: list[torch.Tensor], neighbourhood: int = 1) -> to
                 f, neighbourhood, stride=1, padding=neighbourhood // 2, count_include_pad=False
             )
         out.append(resample(f, size))
-    return torch.cat(out, 1)
+    return out
+
+
+def concat_at_finest(features: list[torch.Tensor], neighbourhood: int = 1) -> torch.Tensor:
+    """``[B, sum C, h, w]``: ``at_finest``'s maps concatenated."""
+    return torch.cat(at_finest(features, neighbourhood), 1)
 
 
 def ledoit_wolf(x: torch.Tensor) -> torch.Tensor:
@@ -262,11 +267,7 @@ class FeatureStandardizer(nn.Module):
         channels, images), what the per-position products take: the layers of a fused
         map are resampled and laid out straight into it (one copy, no concatenated
         ``[B, C, h, w]`` map, no separate transposed copy)."""
-        if self.fuse:
-            size = self.out_sizes[0]
-            layers = [[resample(f, size) for f in features]]
-        else:
-            layers = [[f] for f in self._inputs(features)]
+        layers = [at_finest(features)] if self.fuse else [[f] for f in self._inputs(features)]
         return [torch.cat([f.flatten(2).permute(2, 1, 0) for f in parts], 1) for parts in layers]
 
     def _whiten_positions(self, i: int, x: torch.Tensor) -> torch.Tensor:
