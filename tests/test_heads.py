@@ -422,11 +422,18 @@ def test_position_whitening_norm_is_the_mahalanobis_distance():
         np.testing.assert_allclose(got, expected, rtol=1e-3)
 
 
+@pytest.mark.parametrize("block_values", [None, 50])
 @pytest.mark.parametrize("fuse", [True, False])
-def test_position_whitening_is_the_per_position_product_and_leaves_its_input_alone(fuse):
+def test_position_whitening_is_the_per_position_product_and_leaves_its_input_alone(
+    monkeypatch, fuse, block_values
+):
     """The whitening lays the (fused) features out position-major itself; what it returns
     is exactly the whitening matrix times the standardized (concatenated) vector at each
-    position, for one image or several, and the caller's features are not touched."""
+    position, for one image (products over blocks of positions: with 50 values per
+    block, several blocks and a partial last one) or several, and the caller's features
+    are not touched."""
+    if block_values is not None:
+        monkeypatch.setattr(base, "_BLOCK_VALUES", block_values)
     channels, sizes = [1, 3], [(6, 6), (3, 3)]  # one channel: a [P, 1, 1] layout
     g = torch.Generator().manual_seed(4)
     train = [torch.randn(30, c, *s, generator=g) for c, s in zip(channels, sizes, strict=True)]
