@@ -41,13 +41,14 @@ def exact_min_sq_distances(
 
 
 def _block_min_sq_distances(queries: torch.Tensor, bank: torch.Tensor, block: int) -> torch.Tensor:
-    q_sq = queries.pow(2).sum(1, keepdim=True)
     best = None
     for start in range(0, int(bank.shape[0]), block):
         part = bank[start : start + block]
-        d2 = (q_sq - 2 * queries @ part.T + part.pow(2).sum(1)[None]).min(1).values
+        # |b|^2 - 2 q.b in the product itself (one pass over the block's distances);
+        # the query's own |q|^2 does not change which entry is nearest: added once
+        d2 = torch.addmm(part.pow(2).sum(1)[None], queries, part.T, alpha=-2).amin(1)
         best = d2 if best is None else torch.minimum(best, d2)
-    return best.clamp_min(0)
+    return (best + queries.pow(2).sum(1)).clamp_min(0)
 
 
 @dataclass(frozen=True)
