@@ -69,8 +69,9 @@ def greedy_coreset(
         selected[count : count + take] = new
         count += take
         centres = reduced[new]
-        dist = sq_norms[:, None] - 2 * reduced @ centres.T + sq_norms[new][None, :]
-        min_dist = torch.minimum(min_dist, dist.clamp_min(0).min(1).values)
+        # as the exact search: the centres' |c|^2 - 2 p.c in the product, |p|^2 after
+        nearest = torch.addmm(sq_norms[new][None], reduced, centres.T, alpha=-2).amin(1)
+        min_dist = torch.minimum(min_dist, (nearest + sq_norms).clamp_min(0))
         min_dist[new] = 0
     return selected
 
