@@ -6,7 +6,8 @@ Fits each head briefly on a small synthetic dataset (latency does not depend on 
 a head is trained), exports it with ``vitqc.export`` (and the preprocessing + backbone
 alone the same way), then times both with vitqc's own latency probe (median of repeats).
 ONNX Runtime gets as many threads as torch; both run a batch in micro-batches, as vitqc
-does (``backbones.extractor.MICRO_BATCH``, ``runtime.run_in_chunks``). With ``--data``
+does (``backbones.extractor.MICRO_BATCH``; ONNX Runtime the size ``runtime.ExportedModel``
+times at load, ``runtime.fastest_micro_batch``). With ``--data``
 the timed batches are that dataset's test images (resized to the input size) instead of
 synthetic ones, and the heads are fitted on it; ``--bundle HEAD=DIR`` times an already
 fitted model instead (e.g. a knn model with the dataset's full memory bank). A head may be a variant
@@ -43,7 +44,7 @@ from vitqc.data.transforms import resize_batch
 from vitqc.export import OPSET, export_onnx
 from vitqc.heads import parse_head
 from vitqc.pipeline import FitOptions, fit
-from vitqc.runtime import run_in_chunks
+from vitqc.runtime import fastest_micro_batch, run_in_chunks
 from vitqc.scoring import AnomalyModel
 
 BATCHES = (1, 32)
@@ -85,10 +86,12 @@ def _export_backbone(model: AnomalyModel, path: Path) -> Path:
 
 
 def _ort_ms(session: ort.InferenceSession, images: torch.Tensor) -> dict[int, float]:
-    """ms per image, the batch run as ``vitqc.runtime.ExportedModel.run`` runs it."""
+    """ms per image, the batch run as ``vitqc.runtime.ExportedModel.run`` runs it (in
+    the micro-batch it chooses at load)."""
+    chunk = fastest_micro_batch(session, images.shape[-2:])
     return {
         bs: time_per_image_ms(
-            lambda t: run_in_chunks(session, t.numpy()),
+            lambda t: run_in_chunks(session, t.numpy(), chunk),
             images[torch.arange(bs) % images.shape[0]],
             min_seconds=2.0,
             min_repeats=5,

@@ -24,7 +24,13 @@ from vitqc.decision import operator_score
 from vitqc.errors import VitqcError
 from vitqc.export import METADATA_KEY, bundle_id, export_bundle, export_onnx
 from vitqc.pipeline import FitOptions, fit, predict_images
-from vitqc.runtime import MICRO_BATCH, ExportedModel, resize_image
+from vitqc.runtime import (
+    MICRO_BATCH,
+    MICRO_BATCH_CHOICES,
+    ExportedModel,
+    fastest_micro_batch,
+    resize_image,
+)
 
 HEADS = ("gaussian", "knn", "flow", "gmm")
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
@@ -104,8 +110,10 @@ def test_onnx_runtime_matches_torch(exported, images):
 def test_batch_of_one_and_of_eight_agree(exported, images):
     _, model, _, onnx_path, runtime = exported
     x = np.stack([resize_image(read_image(p), model.input_size) for p in images[:8]])
-    assert runtime.micro_batch == MICRO_BATCH < 8
-    eight = runtime.run(x)  # in micro-batches
+    assert runtime.micro_batch in MICRO_BATCH_CHOICES  # the faster here, timed at load
+    chunked = ExportedModel(onnx_path, threads=1, micro_batch=MICRO_BATCH)
+    assert chunked.micro_batch == MICRO_BATCH < 8
+    eight = chunked.run(x)  # in micro-batches
     whole = ExportedModel(onnx_path, threads=1, micro_batch=8).run(x)  # one graph call
     ones = [runtime.run(x[i : i + 1]) for i in range(8)]
     for name in ("score", "normalized_score", "map", "defective"):
@@ -115,8 +123,17 @@ def test_batch_of_one_and_of_eight_agree(exported, images):
         assert _rel(one_scores, batched["score"]) <= 1e-5
         one_maps = np.concatenate([o["map"] for o in ones])
         assert float(np.abs(one_maps - batched["map"]).max()) <= 1e-4
-    odd = runtime.run(x[: MICRO_BATCH + 1])  # a full chunk and a chunk of one, in order
+    odd = chunked.run(x[: MICRO_BATCH + 1])  # a full chunk and a chunk of one, in order
     assert _rel(odd["score"], eight["score"][: MICRO_BATCH + 1]) <= 1e-5
+
+
+def test_fastest_micro_batch_is_timed_on_the_session(exported):
+    """The load-time choice runs the real session on blank images and returns one of the
+    sizes it was given (a single choice: that one)."""
+    _, model, _, _, runtime = exported
+    assert fastest_micro_batch(runtime.session, model.input_size, choices=(2,)) == 2
+    chosen = fastest_micro_batch(runtime.session, model.input_size, choices=(1, 3), repeats=1)
+    assert chosen in (1, 3)
 
 
 def test_runtime_resize_matches_torch(images):

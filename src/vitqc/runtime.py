@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,10 @@ __all__ = [
     "FORMAT_VERSION",
     "METADATA_KEY",
     "MICRO_BATCH",
+    "MICRO_BATCH_CHOICES",
     "OUTPUTS",
     "ExportedModel",
+    "fastest_micro_batch",
     "main",
     "resize_image",
     "run_in_chunks",
@@ -59,12 +62,14 @@ METADATA_KEY = "vitqc"
 FORMAT = "vitqc-onnx"
 FORMAT_VERSION = 1
 OUTPUTS = ("score", "normalized_score", "map", "defective")
-#: Images per graph call. On one CPU thread onnxruntime's backbone time per image grows
-#: with the batch (activations leave the cache), while a head with large per-position
-#: statistics (the GMM's) reads them once per call and prefers larger batches; a batch
-#: runs in chunks of this many, the size that serves every head within about 15 % of its
-#: best chunk (``benchmarks/bench_inference.py``).
-MICRO_BATCH = 4
+#: Images per graph call that ``ExportedModel`` chooses among, by timing them when it
+#: loads. On one CPU thread onnxruntime's backbone time per image grows with the batch
+#: (activations leave the cache), while a head with large per-position statistics (the
+#: GMM's) reads them once per call and prefers larger batches: which wins depends on the
+#: model and the machine.
+MICRO_BATCH_CHOICES = (1, 4)
+#: The largest choice: what a batch runs in when no choice is made.
+MICRO_BATCH = max(MICRO_BATCH_CHOICES)
 
 
 def run_in_chunks(
@@ -79,6 +84,27 @@ def run_in_chunks(
         for start in range(0, max(1, len(batch)), chunk)
     ]
     return parts[0] if len(parts) == 1 else [np.concatenate(v) for v in zip(*parts, strict=True)]
+
+
+def fastest_micro_batch(
+    session: Any,
+    input_size: Sequence[int],
+    choices: Sequence[int] = MICRO_BATCH_CHOICES,
+    repeats: int = 2,
+) -> int:
+    """The chunk size of ``choices`` with the lowest time per image on a blank batch of
+    ``max(choices)`` images (each size warmed up once: onnxruntime allocates on its first
+    call of a shape; then the best of ``repeats`` alternating timings)."""
+    batch = np.zeros((max(choices), 3, int(input_size[0]), int(input_size[1])), np.float32)
+    best: dict[int, float] = {}
+    for chunk in choices:
+        run_in_chunks(session, batch, chunk)
+    for _ in range(repeats):
+        for chunk in choices:
+            start = time.perf_counter()
+            run_in_chunks(session, batch, chunk)
+            best[chunk] = min(best.get(chunk, np.inf), time.perf_counter() - start)
+    return min(choices, key=lambda chunk: best[chunk])
 
 
 def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
@@ -109,14 +135,15 @@ class ExportedModel:
     """An exported vitqc model in an onnxruntime session, with its metadata (``info``)."""
 
     def __init__(
-        self, path: str | Path, threads: int | None = None, micro_batch: int = MICRO_BATCH
+        self, path: str | Path, threads: int | None = None, micro_batch: int | None = None
     ) -> None:
+        """``micro_batch``: images per graph call (None: the fastest of
+        ``MICRO_BATCH_CHOICES`` on this machine, timed on blank images at load)."""
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - a dependency
             raise VitqcError("the runtime needs onnxruntime: pip install onnxruntime") from exc
         self.path = Path(path)
-        self.micro_batch = max(1, int(micro_batch))
         if not self.path.is_file():
             raise VitqcError(f"model file not found: {self.path}")
         options = ort.SessionOptions()
@@ -149,6 +176,11 @@ class ExportedModel:
         self.threshold = float(info["threshold"])
         self.map_low = float(info["map_low"])
         self.min_area = float(info.get("min_area") or 0.0)
+        self.micro_batch = (
+            fastest_micro_batch(self.session, self.input_size)
+            if micro_batch is None
+            else max(1, int(micro_batch))
+        )
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """The graph on ``[N, 3, h, w]`` float32 in [0, 1]: its four outputs by name
