@@ -454,6 +454,18 @@ def test_position_whitening_is_the_per_position_product_and_leaves_its_input_alo
             torch.testing.assert_close(z, expected.reshape(n, c, h, w), rtol=1e-6, atol=1e-6)
 
 
+def test_position_whitening_of_one_image_keeps_its_gradient():
+    """A single image needing a gradient takes the batched product (the blocked one
+    writes into buffers, which autograd cannot follow): the gradient is the whitening's."""
+    standardizer = FeatureStandardizer([3], [(4, 4)], "position-whiten")
+    standardizer.fit([torch.randn(20, 3, 4, 4, generator=torch.Generator().manual_seed(5))])
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    standardizer([x])[0].sum().backward()
+    std, whitening = standardizer.std_0, standardizer.whitening_0  # [3, 4, 4], [16, 3, 3]
+    expected = whitening.sum(1).T.reshape(3, 4, 4) / std  # d(sum W (x - m) / s) / dx
+    torch.testing.assert_close(x.grad[0], expected)
+
+
 @pytest.mark.parametrize("mode", ["channel", "position", "whiten", "position-whiten"])
 def test_statistics_do_not_depend_on_the_block_size(monkeypatch, mode):
     """The statistics are fitted over float64 blocks of images or positions; blocks of a

@@ -279,7 +279,7 @@ class FeatureStandardizer(nn.Module):
         mean, std = getattr(self, f"mean_{i}"), getattr(self, f"std_{i}")
         x.sub_(mean.view(c, p).T.unsqueeze(-1)).div_(std.view(c, p).T.unsqueeze(-1))
         whitening = getattr(self, f"whitening_{i}")
-        if b == 1 and not torch.jit.is_tracing():
+        if b == 1 and not (torch.jit.is_tracing() or x.requires_grad):  # out= has no grad
             z = _matrix_vector_by_blocks(whitening, x)
         else:
             # one matrix product per position on contiguous operands, the stored
