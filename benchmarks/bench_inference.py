@@ -7,7 +7,7 @@ a head is trained), exports it with ``vitqc.export`` (and the preprocessing + ba
 alone the same way), then times both with vitqc's own latency probe (median of repeats).
 ONNX Runtime gets as many threads as torch; both run a batch in micro-batches, as vitqc
 does (``backbones.extractor.MICRO_BATCH``; ONNX Runtime the size ``runtime.ExportedModel``
-times at load, ``runtime.fastest_micro_batch``). With ``--data``
+times once, ``runtime.fastest_micro_batch``). With ``--data``
 the timed batches are that dataset's test images (resized to the input size) instead of
 synthetic ones, and the heads are fitted on it; ``--bundle HEAD=DIR`` times an already
 fitted model instead (e.g. a knn model with the dataset's full memory bank). A head may be a variant
@@ -87,7 +87,7 @@ def _export_backbone(model: AnomalyModel, path: Path) -> Path:
 
 def _ort_ms(session: ort.InferenceSession, images: torch.Tensor) -> dict[int, float]:
     """ms per image, the batch run as ``vitqc.runtime.ExportedModel.run`` runs it (in
-    the micro-batch it chooses at load)."""
+    the micro-batch it chooses)."""
     chunk = fastest_micro_batch(session, images.shape[-2:])
     return {
         bs: time_per_image_ms(

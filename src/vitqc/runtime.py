@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -137,8 +138,7 @@ class ExportedModel:
     def __init__(
         self, path: str | Path, threads: int | None = None, micro_batch: int | None = None
     ) -> None:
-        """``micro_batch``: images per graph call (None: the fastest of
-        ``MICRO_BATCH_CHOICES`` on this machine, timed on blank images at load)."""
+        """``micro_batch``: images per graph call (None: ``micro_batch`` chooses)."""
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - a dependency
@@ -176,16 +176,24 @@ class ExportedModel:
         self.threshold = float(info["threshold"])
         self.map_low = float(info["map_low"])
         self.min_area = float(info.get("min_area") or 0.0)
-        self.micro_batch = (
-            fastest_micro_batch(self.session, self.input_size)
-            if micro_batch is None
-            else max(1, int(micro_batch))
-        )
+        self._micro_batch = None if micro_batch is None else max(1, int(micro_batch))
+        self._choosing = threading.Lock()
+
+    @property
+    def micro_batch(self) -> int:
+        """Images per graph call: as given, or the fastest of ``MICRO_BATCH_CHOICES`` on
+        this machine, timed on blank images once, when first needed (the first batch of
+        more than one image): a model only ever given single images never times it."""
+        with self._choosing:
+            if self._micro_batch is None:
+                self._micro_batch = fastest_micro_batch(self.session, self.input_size)
+        return self._micro_batch
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """The graph on ``[N, 3, h, w]`` float32 in [0, 1]: its four outputs by name
         (computed ``micro_batch`` images at a time; each image scores on its own)."""
-        values = run_in_chunks(self.session, batch, self.micro_batch, OUTPUTS)
+        chunk = self.micro_batch if len(batch) > 1 else 1
+        values = run_in_chunks(self.session, batch, chunk, OUTPUTS)
         return dict(zip(OUTPUTS, values, strict=True))
 
     def score_images(
