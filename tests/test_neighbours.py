@@ -38,9 +38,11 @@ def _brute_force(queries: np.ndarray, bank: np.ndarray) -> tuple[np.ndarray, np.
 def test_exact_search_is_brute_force(bank_and_queries) -> None:
     bank, queries = bank_and_queries
     want, _ = _brute_force(queries, bank)
+    q, b = torch.from_numpy(queries), torch.from_numpy(bank)
     for block in (700, 4096, 10_000):  # the blocking changes nothing
-        got = exact_min_sq_distances(torch.from_numpy(queries), torch.from_numpy(bank), block)
-        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-3)
+        for query_block in (512, 96):  # 500 queries: one block, or five and a part
+            got = exact_min_sq_distances(q, b, block, query_block)
+            np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-3)
 
 
 def test_faiss_flat_finds_the_same_neighbours(bank_and_queries) -> None:
