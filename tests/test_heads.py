@@ -10,7 +10,7 @@ from scipy.stats import norm
 from sklearn.covariance import ledoit_wolf
 
 from vitqc.errors import VitqcError
-from vitqc.heads import PAPER_DEFAULTS, base, create_head, fuse_maps, head_defaults
+from vitqc.heads import PAPER_DEFAULTS, base, create_head, fuse_maps, head_defaults, knn
 from vitqc.heads.base import FeatureStandardizer, concat_at_finest
 from vitqc.heads.gmm import (
     GMMHead,
@@ -195,6 +195,15 @@ def test_greedy_coreset_covers_clusters():
     assert len(set(idx.tolist())) == 8
     clusters = {int(i) // 500 for i in idx}
     assert clusters == {0, 1, 2, 3}
+
+
+def test_greedy_coreset_does_not_depend_on_its_row_blocks(monkeypatch):
+    """The distance update runs over blocks of points; blocks of 7 (many, and a partial
+    last one) select exactly what one block of everything selects."""
+    points = torch.randn(300, 16, generator=torch.Generator().manual_seed(1))
+    whole = greedy_coreset(points, 40, projection_dim=8, batch=3)
+    monkeypatch.setattr(knn, "_COVERAGE_ROWS", 7)
+    assert torch.equal(greedy_coreset(points, 40, projection_dim=8, batch=3), whole)
 
 
 def test_knn_bank_is_bounded_and_float16(data):
