@@ -63,11 +63,11 @@ METADATA_KEY = "vitqc"
 FORMAT = "vitqc-onnx"
 FORMAT_VERSION = 1
 OUTPUTS = ("score", "normalized_score", "map", "defective")
-#: Images per graph call that ``ExportedModel`` chooses among, by timing them when it
-#: loads. On one CPU thread onnxruntime's backbone time per image grows with the batch
-#: (activations leave the cache), while a head with large per-position statistics (the
-#: GMM's) reads them once per call and prefers larger batches: which wins depends on the
-#: model and the machine.
+#: Images per graph call that ``ExportedModel`` chooses among, by timing them once, when
+#: a batch first needs it. On one CPU thread onnxruntime's backbone time per image grows
+#: with the batch (activations leave the cache), while a head with large per-position
+#: statistics (the GMM's) reads them once per call and prefers larger batches: which wins
+#: depends on the model and the machine.
 MICRO_BATCH_CHOICES = (1, 4)
 #: The largest choice: what a batch runs in when no choice is made.
 MICRO_BATCH = max(MICRO_BATCH_CHOICES)
