@@ -191,19 +191,50 @@ def test_greedy_coreset_covers_clusters():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
     points = torch.cat([c + 0.1 * torch.randn(500, 2, generator=g) for c in centres])
-    idx = greedy_coreset(points, 8, batch=1)
+    idx = greedy_coreset(points, 8)
     assert len(set(idx.tolist())) == 8
     clusters = {int(i) // 500 for i in idx}
     assert clusters == {0, 1, 2, 3}
+
+
+def _one_at_a_time_greedy(points: torch.Tensor, n_select: int, seed: int) -> list[int]:
+    """k-center greedy as PatchCore states it, in float64: each pick the point farthest
+    from those already picked (the first drawn as ``greedy_coreset`` draws it)."""
+    first = int(torch.randint(points.shape[0], (1,), generator=torch.Generator().manual_seed(seed)))
+    points = points.double()
+    picks, dist = [first], (points - points[first]).pow(2).sum(1)
+    while len(picks) < n_select:
+        dist[picks] = -1
+        picks.append(int(dist.argmax()))
+        dist = torch.minimum(dist, (points - points[picks[-1]]).pow(2).sum(1))
+    return picks
+
+
+@pytest.mark.parametrize("candidates", [1, 5, 64, 1024])
+def test_greedy_coreset_picks_what_one_at_a_time_greedy_picks(candidates):
+    """Passes over few candidates, many, or every point: always the same picks, in the
+    same order, as the plain one-at-a-time greedy (no projection: 16 <= 16 dims)."""
+    for seed in range(3):
+        points = torch.randn(400, 16, generator=torch.Generator().manual_seed(seed))
+        picks = greedy_coreset(points, 60, projection_dim=16, candidates=candidates, seed=seed)
+        assert picks.tolist() == _one_at_a_time_greedy(points, 60, seed)
+
+
+def test_greedy_coreset_with_duplicate_points_picks_each_point_once():
+    """More picks than distinct points: every distance reaches 0, and the rest of the
+    picks are still distinct points, not repeats."""
+    points = torch.tensor([[0.0, 0.0], [1.0, 1.0]]).repeat(10, 1)
+    picks = greedy_coreset(points, 15, candidates=4)
+    assert len(set(picks.tolist())) == 15
 
 
 def test_greedy_coreset_does_not_depend_on_its_row_blocks(monkeypatch):
     """The distance update runs over blocks of points; blocks of 7 (many, and a partial
     last one) select exactly what one block of everything selects."""
     points = torch.randn(300, 16, generator=torch.Generator().manual_seed(1))
-    whole = greedy_coreset(points, 40, projection_dim=8, batch=3)
+    whole = greedy_coreset(points, 40, projection_dim=8, candidates=3)
     monkeypatch.setattr(knn, "_COVERAGE_ROWS", 7)
-    assert torch.equal(greedy_coreset(points, 40, projection_dim=8, batch=3), whole)
+    assert torch.equal(greedy_coreset(points, 40, projection_dim=8, candidates=3), whole)
 
 
 def test_knn_bank_is_bounded_and_float16(data):

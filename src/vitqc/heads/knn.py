@@ -1,10 +1,9 @@
 """Nearest-neighbour baseline head (PatchCore style): a coreset memory bank.
 
 Patch embeddings are the feature maps averaged over a 3x3 neighbourhood, brought to
-the finest grid and concatenated. The bank is a greedy k-center coreset of the
-training patches, selected on a random projection with batched, vectorized distance
-updates (one matrix product per batch of centres instead of one Python step per
-centre), and stored as float16. The patch score is the Euclidean distance to the
+the finest grid and concatenated. The bank is the greedy k-center coreset of the
+training patches (PatchCore's, picked on a random projection in few passes over the
+patches) stored as float16. The patch score is the Euclidean distance to the
 nearest bank entry.
 
 ``standardize`` (off by default; "position" with ``fuse=True`` for EfficientNet-Lite)
@@ -33,24 +32,30 @@ from vitqc.heads.neighbours import (
     index_min_sq_distances,
 )
 
-#: Points per block of the coreset's distance update: the whole ``[points, batch]``
+#: Points per block of the coreset's distance update: the whole ``[points, picks]``
 #: product went through memory (355 MB per round on magnetic_tile), a block stays in
 #: cache (1.3-1.5x faster on 240k points, the same selection).
 _COVERAGE_ROWS = 16384
+#: Farthest points a pass of the greedy coreset picks among (``greedy_coreset``).
+_CANDIDATES = 1024
 
 
 def greedy_coreset(
     points: torch.Tensor,
     n_select: int,
     projection_dim: int = 128,
-    batch: int | None = None,
+    candidates: int = _CANDIDATES,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Indices of a greedy k-center coreset of ``points [M, D]``.
+    """Indices of the greedy k-center coreset of ``points [M, D]``: PatchCore's
+    selection, each pick the point farthest from those already picked, on a
+    Johnson-Lindenstrauss projection to ``projection_dim`` dimensions.
 
-    Distances are computed on a Johnson-Lindenstrauss projection; each round adds the
-    ``batch`` farthest points at once and updates every point's distance to the
-    selection with one matrix product.
+    The picks are those of one-at-a-time greedy, made in few passes over all points.
+    A pass takes the ``candidates`` farthest points and picks among them, updating
+    only their distances, while the farthest candidate is at least as far as every
+    point left out (distances only shrink, so that is the pick one-at-a-time greedy
+    makes). One blocked matrix product then updates every point's distance.
     """
     m = points.shape[0]
     n_select = min(n_select, m)
@@ -62,27 +67,40 @@ def greedy_coreset(
     else:
         reduced = points.float()
     sq_norms = reduced.pow(2).sum(1)
-    batch = batch or max(1, n_select // 256)
     selected = torch.empty(n_select, dtype=torch.long)
     first = int(torch.randint(m, (1,), generator=generator))
     min_dist = (sq_norms - 2 * reduced @ reduced[first] + sq_norms[first]).clamp_min(0)
+    min_dist[first] = -math.inf  # picked points are never candidates again
     selected[0] = first
     count = 1
     nearest = torch.empty(m)
     while count < n_select:
-        take = min(batch, n_select - count)
-        new = torch.topk(min_dist, take).indices
-        selected[count : count + take] = new
-        count += take
+        take = min(candidates, m - count)
+        top = torch.topk(min_dist, min(take + 1, m))
+        cand, cand_dist = top.indices[:take], top.values[:take].clone()
+        # the farthest point left out of the candidates
+        bound = float(top.values[take]) if top.values.numel() > take else -math.inf
+        cand_points, cand_sq = reduced[cand], sq_norms[cand]
+        start = count
+        while count < n_select:
+            j = int(torch.argmax(cand_dist))
+            if not float(cand_dist[j]) >= bound or cand_dist[j] == -math.inf:
+                break
+            selected[count] = cand[j]
+            count += 1
+            to_pick = torch.addmv(cand_sq + cand_sq[j], cand_points, cand_points[j], alpha=-2)
+            torch.minimum(cand_dist, to_pick.clamp_min_(0), out=cand_dist)
+            cand_dist[j] = -math.inf
+        new = selected[start:count]
         centres, centres_sq = reduced[new].T.contiguous(), sq_norms[new][None]
         # as the exact search: the centres' |c|^2 - 2 p.c in the product, |p|^2 after;
         # _COVERAGE_ROWS points at a time, so each block of the product stays in cache
-        for start in range(0, m, _COVERAGE_ROWS):
-            rows = slice(start, start + _COVERAGE_ROWS)
+        for row in range(0, m, _COVERAGE_ROWS):
+            rows = slice(row, row + _COVERAGE_ROWS)
             block = torch.addmm(centres_sq, reduced[rows], centres, alpha=-2)
             torch.amin(block, 1, out=nearest[rows])
         min_dist = torch.minimum(min_dist, (nearest + sq_norms).clamp_min(0))
-        min_dist[new] = 0
+        min_dist[new] = -math.inf
     return selected
 
 
