@@ -229,11 +229,13 @@ def test_greedy_coreset_with_duplicate_points_picks_each_point_once():
 
 
 def test_greedy_coreset_does_not_depend_on_its_row_blocks(monkeypatch):
-    """The distance update runs over blocks of points; blocks of 7 (many, and a partial
-    last one) select exactly what one block of everything selects."""
+    """The distance update runs over blocks of points; blocks of at most 7 values (a
+    few points each, and partial last ones) select exactly what one block of everything
+    selects."""
     points = torch.randn(300, 16, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(knn, "_COVERAGE_VALUES", 10**9)
     whole = greedy_coreset(points, 40, projection_dim=8, candidates=3)
-    monkeypatch.setattr(knn, "_COVERAGE_ROWS", 7)
+    monkeypatch.setattr(knn, "_COVERAGE_VALUES", 7)
     assert torch.equal(greedy_coreset(points, 40, projection_dim=8, candidates=3), whole)
 
 
