@@ -85,7 +85,8 @@ def greedy_coreset(
         start = count
         while count < n_select:
             j = int(torch.argmax(cand_dist))
-            if not float(cand_dist[j]) >= bound or cand_dist[j] == -math.inf:
+            farthest = float(cand_dist[j])
+            if farthest == -math.inf or farthest < bound:
                 break
             selected[count] = cand[j]
             count += 1
