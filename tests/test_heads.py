@@ -370,13 +370,16 @@ def test_gmm_inference_cache_never_goes_stale(data):
     assert not torch.allclose(after, changed)
 
 
+@pytest.mark.parametrize("conditioning", ["position", "shared"])
 @pytest.mark.parametrize("offset", [0.0, 100.0])
-def test_gmm_inference_mixture_in_float32_matches_float64(offset):
+def test_gmm_inference_mixture_in_float32_matches_float64(offset, conditioning):
     """The inference mixture is kept in float32 and expanded around the centre of the
     components' means, so inputs far from zero (VT-ADL's embeddings are not
-    standardized) score as the float64 density does, to float32's rounding."""
+    standardized) score as the float64 density does, to float32's rounding; the same
+    for a position-major view of the patches (how the per-position whitening hands
+    them over)."""
     g = torch.Generator().manual_seed(0)
-    mixture = MixtureDensity(16, (3, 3), 4, "position", 8, min_std=0.05)
+    mixture = MixtureDensity(16, (3, 3), 4, conditioning, 8, min_std=0.05)
     patches = offset + torch.randn(500, 16, generator=g)
     mixture.init_from_data(patches, torch.Generator().manual_seed(1))
     mixture.eval()
@@ -386,8 +389,10 @@ def test_gmm_inference_mixture_in_float32_matches_float64(offset):
         params = [t.double() for t in mixture.parameters_for(mixture.position)]
         expected = mixture_nll(x.double(), *params)
         got = mixture(x)
+        position_major = mixture(x.transpose(0, 1).contiguous().transpose(0, 1))
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(position_major, got, rtol=0, atol=0)
 
 
 def test_per_position_standardization_removes_positional_statistics():
@@ -472,8 +477,8 @@ def test_position_whitening_is_the_per_position_product_and_leaves_its_input_alo
     """The whitening lays the (fused) features out position-major itself; what it returns
     is exactly the whitening matrix times the standardized (concatenated) vector at each
     position, for one image (products over blocks of positions: with 50 values per
-    block, several blocks and a partial last one) or several, and the caller's features
-    are not touched."""
+    block, several blocks and a partial last one) or several, laid out with contiguous
+    channels, and the caller's features are not touched."""
     if block_values is not None:
         monkeypatch.setattr(base, "_BLOCK_VALUES", block_values)
     channels, sizes = [1, 3], [(6, 6), (3, 3)]  # one channel: a [P, 1, 1] layout
@@ -494,6 +499,8 @@ def test_position_whitening_is_the_per_position_product_and_leaves_its_input_alo
             d = d.flatten(2).permute(2, 1, 0)  # [P, C, N]
             expected = (getattr(standardizer, f"whitening_{i}") @ d).permute(2, 1, 0)
             torch.testing.assert_close(z, expected.reshape(n, c, h, w), rtol=1e-6, atol=1e-6)
+            # channels contiguous: the flow and the GMM read it without a transposing copy
+            assert c == 1 or z.stride(1) == 1
 
 
 def test_position_whitening_of_one_image_keeps_its_gradient():

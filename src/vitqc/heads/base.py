@@ -265,28 +265,29 @@ class FeatureStandardizer(nn.Module):
             std.view(c, -1)[:, cols] = s[:, 0].T.float()
 
     def _position_major(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each output layer's input as a new contiguous ``[P, C, B]`` tensor (positions,
-        channels, images), what the per-position products take: the layers of a fused
+        """Each output layer's input as a new contiguous ``[P, B, C]`` tensor (positions,
+        images, channels), what the per-position products take: the layers of a fused
         map are resampled and laid out straight into it (one copy, no concatenated
         ``[B, C, h, w]`` map, no separate transposed copy)."""
         layers = [at_finest(features)] if self.fuse else [[f] for f in self._inputs(features)]
-        return [torch.cat([f.flatten(2).permute(2, 1, 0) for f in parts], 1) for parts in layers]
+        return [torch.cat([f.flatten(2).permute(2, 0, 1) for f in parts], 2) for parts in layers]
 
     def _whiten_positions(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Layer ``i``'s ``[P, C, B]`` input (overwritten) standardized and whitened per
-        position: ``[B, C, h, w]``."""
-        p, c, b = x.shape
+        """Layer ``i``'s ``[P, B, C]`` input (overwritten) standardized and whitened per
+        position: ``[B, C, h, w]``, a view whose channels are contiguous (the layout the
+        flow's channels-last convolutions and the GMM's patch rows read)."""
+        p, b, c = x.shape
         mean, std = getattr(self, f"mean_{i}"), getattr(self, f"std_{i}")
-        x.sub_(mean.view(c, p).T.unsqueeze(-1)).div_(std.view(c, p).T.unsqueeze(-1))
+        x.sub_(mean.view(c, p).T.unsqueeze(1)).div_(std.view(c, p).T.unsqueeze(1))
         whitening = getattr(self, f"whitening_{i}")
         if b == 1 and not (torch.jit.is_tracing() or x.requires_grad):  # out= has no grad
-            z = _matrix_vector_by_blocks(whitening, x)
+            z = _matrix_vector_by_blocks(whitening, x.transpose(1, 2)).transpose(1, 2)
         else:
-            # one matrix product per position on contiguous operands, the stored
-            # [P, C, C] used in place (einsum copied it on every call, and a strided
-            # right-hand side makes bmm copy it position by position)
-            z = torch.bmm(whitening, x)  # [P, C, B]
-        return z.permute(2, 1, 0).reshape(b, c, *self.out_sizes[i])
+            # one matrix product per position, the stored [P, C, C] used in place as the
+            # transposed right-hand side (BLAS reads it so; einsum copied it on every
+            # call): x W^T, channels contiguous in the result
+            z = torch.bmm(x, whitening.transpose(1, 2))  # [P, B, C]
+        return z.permute(1, 2, 0).reshape(b, c, *self.out_sizes[i])
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.mode == "position-whiten":

@@ -230,15 +230,21 @@ def _inference_nll(
     centre: torch.Tensor,
 ) -> torch.Tensor:
     """``_shared_mixture_nll_from_terms`` for ``x [B, P, D]`` with the terms of
-    ``_inference_terms`` (per position, ``P`` of them, or shared, one)."""
+    ``_inference_terms`` (per position, ``P`` of them, or shared, one).
+
+    Computed position-major, ``[P, B, ...]``: the per-position products take that
+    layout, and the per-position whitening hands ``x`` over as a view of it, so the
+    elementwise ops read contiguous rows (on its ``[B, P, D]`` order they, and ``cat``,
+    ran at a fraction of memory speed)."""
     b, p, _ = x.shape
-    x = x - centre
-    a = torch.cat([x.pow(2), x], -1)
+    y = x.transpose(0, 1) - centre.unsqueeze(1)
+    a = torch.cat([y * y, y], -1)
     if weights.shape[0] == 1:  # one mixture for every position
-        quad = (a.reshape(b * p, -1) @ weights[0]).reshape(b, p, -1)
+        quad = (a.reshape(p * b, -1) @ weights[0]).reshape(p, b, -1)
     else:
-        quad = torch.bmm(a.transpose(0, 1), weights).transpose(0, 1)
-    return -torch.logsumexp(log_norm - 0.5 * (quad + mean_sq).clamp_min(0), dim=-1)
+        quad = torch.bmm(a, weights)
+    joint = log_norm.unsqueeze(1) - 0.5 * (quad + mean_sq.unsqueeze(1)).clamp_min(0)
+    return -torch.logsumexp(joint, dim=-1).T
 
 
 def _shared_mixture_nll_from_terms(x: torch.Tensor, *terms: torch.Tensor) -> torch.Tensor:
