@@ -14,20 +14,25 @@ fitted model instead (e.g. a knn model with the dataset's full memory bank). A h
 (``knn:search=faiss-hnsw``). The exported graph always searches exactly (``exact``).
 
 Printed per model: ms per image, and the full model over the backbone alone ("x bb") at
-batch 1 and 32 in each runtime; the goals: the head adds at most 15 % (knn, gmm,
-gaussian), the flow at most its share of the FLOPs plus 15 % (FLOPs of backbone and head
-printed, counted by ``torch.utils.flop_counter``), and batch 32 per image not above
-batch 1. Run:
+batch 1 and 32 in each runtime. The backbone alone is timed again beside every model, in
+turn with it for ``--rounds`` rounds: the ratio is the median of each round's ratio (and
+the ms the medians), so the machine's drift between models does not fall on the ratio
+(one timing of the backbone for all models moved by 10-40 % from run to run). The goals:
+the head adds at most 15 % (knn, gmm, gaussian), the flow at most its share of the FLOPs
+plus 15 % (FLOPs of backbone and head printed, counted by ``torch.utils.flop_counter``),
+and batch 32 per image not above batch 1. Run:
 .venv/bin/python benchmarks/bench_inference.py [--backbone NAME] [--heads flow,gmm,knn]
     [--layers 7] [--image-size 448]
-    [--data ../shared/data/kolektorsdd --cache-dir DIR] [--bundle knn=DIR]
+    [--data ../shared/data/kolektorsdd --cache-dir DIR] [--bundle knn=DIR] [--rounds 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import onnxruntime as ort
@@ -48,6 +53,8 @@ from vitqc.runtime import fastest_micro_batch, run_in_chunks
 from vitqc.scoring import AnomalyModel
 
 BATCHES = (1, 32)
+RUNTIMES = ("torch", "onnxrt")
+PARTS = ("torch backbone", "torch", "onnxrt backbone", "onnxrt")
 SEARCH_OPTIONS = {"search", "ef_search", "nprobe"}
 
 
@@ -85,11 +92,13 @@ def _export_backbone(model: AnomalyModel, path: Path) -> Path:
     return path
 
 
-def _ort_ms(session: ort.InferenceSession, images: torch.Tensor) -> dict[int, float]:
-    """ms per image, the batch run as ``vitqc.runtime.ExportedModel.run`` runs it (in
-    the micro-batch it chooses)."""
+def _ort_timer(
+    session: ort.InferenceSession, images: torch.Tensor
+) -> Callable[[], dict[int, float]]:
+    """A function timing ms per image, the batch run as ``vitqc.runtime.ExportedModel.run``
+    runs it (in the micro-batch it chooses, chosen once)."""
     chunk = fastest_micro_batch(session, images.shape[-2:])
-    return {
+    return lambda: {
         bs: time_per_image_ms(
             lambda t: run_in_chunks(session, t.numpy(), chunk),
             images[torch.arange(bs) % images.shape[0]],
@@ -100,8 +109,8 @@ def _ort_ms(session: ort.InferenceSession, images: torch.Tensor) -> dict[int, fl
     }
 
 
-def _row(name: str, ms: dict[int, float], base: dict[int, float] | None, goal: str = "") -> str:
-    ratios = "" if base is None else "".join(f"{ms[b] / base[b]:>9.2f}" for b in BATCHES)
+def _row(name: str, ms: dict[int, float], ratios: tuple[float, ...] | None, goal: str = "") -> str:
+    ratios = "" if ratios is None else "".join(f"{r:>9.2f}" for r in ratios)
     b32_ok = "yes" if ms[32] <= ms[1] else "NO"
     return f"{name:<40}{ms[1]:>9.2f}{ms[32]:>9.2f}{ratios or ' ' * 18}{b32_ok:>10}  {goal}"
 
@@ -134,6 +143,9 @@ def main() -> None:
     parser.add_argument(
         "--bundle", action="append", default=[], help="HEAD=DIR: time this fitted model"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="timings of each model beside its backbone"
+    )
     args = parser.parse_args()
     bundles = dict(item.split("=", 1) for item in args.bundle)
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
@@ -145,7 +157,7 @@ def main() -> None:
         dataset = load_dataset(root)
         print(f"images: {len(dataset.test[:32])} test images of {root}, resized to the input size")
         print(f"{'model':<40}{'ms b1':>9}{'ms b32':>9}{'x bb b1':>9}{'x bb b32':>9}{'b32<=b1':>10}")
-        base: dict[str, dict[int, float]] = {}
+        backbone_path, first = None, True
         for head in args.heads.split(","):
             name, options = parse_head(head)
             if head in bundles or (name in bundles and set(options) <= SEARCH_OPTIONS):
@@ -169,28 +181,43 @@ def main() -> None:
                 model, _ = fit(dataset, opts)
             model.eval()
             images = resize_batch([load_image(x) for x in dataset.test[:32]], model.input_size)
-            lat = measure_latency(model, BATCHES, min_seconds=2.0, min_repeats=5, images=images)
             onnx_path = export_onnx(model, Path(tmp) / f"{name}.onnx", {})
-            ort_full = _ort_ms(_session(onnx_path), images)
+            if backbone_path is None:
+                backbone_path = _export_backbone(model, Path(tmp) / "backbone.onnx")
+            ort_backbone = _ort_timer(_session(backbone_path), images)
+            ort_full = _ort_timer(_session(onnx_path), images)
+            rounds: dict[str, list[dict[int, float]]] = {k: [] for k in PARTS}
+            for _ in range(args.rounds):  # each model beside its backbone, in turn
+                lat = measure_latency(model, BATCHES, min_seconds=2.0, min_repeats=5, images=images)
+                rounds["torch backbone"].append({b: lat[f"backbone_ms_b{b}"] for b in BATCHES})
+                rounds["torch"].append({b: lat[f"pipeline_ms_b{b}"] for b in BATCHES})
+                rounds["onnxrt backbone"].append(ort_backbone())
+                rounds["onnxrt"].append(ort_full())
+            ms = {
+                k: {b: statistics.median(r[b] for r in runs) for b in BATCHES}
+                for k, runs in rounds.items()
+            }
             # per image, counted on two: a single image's per-position whitening is
             # products and sums (heads.base), which the counter does not see as FLOPs
             features = model.features(images[:2])
             bb_flops = _flops(_Backbone(model), images[:2]) / 2
             share = _flops(model.head, features) / 2 / bb_flops  # faiss searches: not counted
-            if not base:
-                base["torch"] = {b: lat[f"backbone_ms_b{b}"] for b in BATCHES}
-                path = _export_backbone(model, Path(tmp) / "backbone.onnx")
-                base["onnxrt"] = _ort_ms(_session(path), images)
+            if first:
+                first = False
                 print(f"backbone FLOPs per image: {bb_flops / 1e9:.2f} G")
-                for runtime in ("torch", "onnxrt"):
-                    print(_row(f"{model.extractor.name} (backbone) {runtime}", base[runtime], None))
-            full = {"torch": {b: lat[f"pipeline_ms_b{b}"] for b in BATCHES}, "onnxrt": ort_full}
+                for runtime in RUNTIMES:
+                    name_bb = f"{model.extractor.name} (backbone) {runtime}"
+                    print(_row(name_bb, ms[f"{runtime} backbone"], None))
             counted = "" if getattr(model.head, "search", "exact") == "exact" else " (faiss: n/a)"
             print(f"  {head}: head FLOPs {share:.1%} of the backbone's{counted}")
-            for runtime, ms in full.items():
-                ratios = (ms[1] / base[runtime][1], ms[32] / base[runtime][32])
+            for runtime in RUNTIMES:
+                full, bb = rounds[runtime], rounds[f"{runtime} backbone"]
+                ratios = tuple(
+                    statistics.median(f[b] / g[b] for f, g in zip(full, bb, strict=True))
+                    for b in BATCHES
+                )
                 goal = _goal(name, ratios, share)
-                print(_row(f"  + {head} {runtime}", ms, base[runtime], goal))
+                print(_row(f"  + {head} {runtime}", ms[runtime], ratios, goal))
 
 
 if __name__ == "__main__":
