@@ -43,6 +43,9 @@ def test_exact_search_is_brute_force(bank_and_queries) -> None:
         for query_block in (512, 96):  # 500 queries: one block, or five and a part
             got = exact_min_sq_distances(q, b, block, query_block)
             np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-3)
+            # the bank's squared norms handed in: the same distances
+            kept = exact_min_sq_distances(q, b, block, query_block, bank_sq=b.pow(2).sum(1))
+            torch.testing.assert_close(kept, got, rtol=0, atol=0)
 
 
 def test_faiss_flat_finds_the_same_neighbours(bank_and_queries) -> None:
@@ -119,6 +122,28 @@ def test_knn_head_search_modes() -> None:
     stale.load_state_dict(heads["exact"].state_dict())  # same bank: same maps
     stale.bank.mul_(2.0)  # an in-place change of the bank rebuilds the index
     torch.testing.assert_close(stale(test), _exact_with_bank(heads["exact"], stale.bank, test))
+
+
+def test_exact_search_keeps_the_float32_bank_until_the_bank_changes() -> None:
+    """The eager exact search reuses one float32 copy of the bank and its norms, made in
+    any mode (here in inference mode, then used outside it), and makes them again when
+    the bank changes in place or through load_state_dict."""
+    train, test = _features(30, 0), _features(4, 1)
+    head = create_head("knn", [8, 16], [(8, 8), (4, 4)], coreset_ratio=0.5).eval()
+    head.prepare(train)
+    with torch.inference_mode():
+        first = head(test)
+    kept = head.search_bank()[0]
+    assert torch.equal(head(test), first) and head.search_bank()[0] is kept
+    torch.testing.assert_close(first, _exact_with_bank(head, head.bank.clone(), test))
+    head.bank.mul_(2.0)
+    torch.testing.assert_close(head(test), _exact_with_bank(head, head.bank.clone(), test))
+    other = create_head("knn", [8, 16], [(8, 8), (4, 4)], coreset_ratio=0.2).eval()
+    other.prepare(_features(30, 2))
+    head = create_head("knn", [8, 16], [(8, 8), (4, 4)], **_bank_config(other)).eval()
+    head(test)  # a float32 copy of its zero bank, made before the state arrives
+    head.load_state_dict(other.state_dict())
+    torch.testing.assert_close(head(test), other(test), rtol=0, atol=0)
 
 
 def _bank_config(head) -> dict:

@@ -29,25 +29,33 @@ def exact_min_sq_distances(
     bank: torch.Tensor,
     block: int = BANK_BLOCK,
     query_block: int = QUERY_BLOCK,
+    bank_sq: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Squared Euclidean distance of each query ``[N, D]`` to its nearest row of
     ``bank [M, D]``: matrix products, no ``torch.cdist`` (which ONNX cannot hold).
+    ``bank_sq``: the rows' squared norms, when the caller keeps them (else computed).
 
     Eager calls take ``query_block`` queries at a time, so the ``[queries, block]``
     distances stay in cache (at batch 32 the whole batch's block was memory bound); a
     trace (the ONNX export) takes every query at once, whatever the batch size."""
+    if bank_sq is None:
+        bank_sq = bank.pow(2).sum(1)
     if queries.shape[0] <= query_block or torch.jit.is_tracing():
-        return _block_min_sq_distances(queries, bank, block)
-    return torch.cat([_block_min_sq_distances(q, bank, block) for q in queries.split(query_block)])
+        return _block_min_sq_distances(queries, bank, bank_sq, block)
+    return torch.cat(
+        [_block_min_sq_distances(q, bank, bank_sq, block) for q in queries.split(query_block)]
+    )
 
 
-def _block_min_sq_distances(queries: torch.Tensor, bank: torch.Tensor, block: int) -> torch.Tensor:
+def _block_min_sq_distances(
+    queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor, block: int
+) -> torch.Tensor:
     best = None
     for start in range(0, int(bank.shape[0]), block):
-        part = bank[start : start + block]
+        part, part_sq = bank[start : start + block], bank_sq[start : start + block]
         # |b|^2 - 2 q.b in the product itself (one pass over the block's distances);
         # the query's own |q|^2 does not change which entry is nearest: added once
-        d2 = torch.addmm(part.pow(2).sum(1)[None], queries, part.T, alpha=-2).amin(1)
+        d2 = torch.addmm(part_sq[None], queries, part.T, alpha=-2).amin(1)
         best = d2 if best is None else torch.minimum(best, d2)
     return (best + queries.pow(2).sum(1)).clamp_min(0)
 
