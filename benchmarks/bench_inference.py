@@ -157,7 +157,7 @@ def main() -> None:
         dataset = load_dataset(root)
         print(f"images: {len(dataset.test[:32])} test images of {root}, resized to the input size")
         print(f"{'model':<40}{'ms b1':>9}{'ms b32':>9}{'x bb b1':>9}{'x bb b32':>9}{'b32<=b1':>10}")
-        backbone_path, first = None, True
+        ort_backbone, first = None, True
         for head in args.heads.split(","):
             name, options = parse_head(head)
             if head in bundles or (name in bundles and set(options) <= SEARCH_OPTIONS):
@@ -182,9 +182,9 @@ def main() -> None:
             model.eval()
             images = resize_batch([load_image(x) for x in dataset.test[:32]], model.input_size)
             onnx_path = export_onnx(model, Path(tmp) / f"{name}.onnx", {})
-            if backbone_path is None:
-                backbone_path = _export_backbone(model, Path(tmp) / "backbone.onnx")
-            ort_backbone = _ort_timer(_session(backbone_path), images)
+            if ort_backbone is None:  # every model shares the backbone and input size
+                path = _export_backbone(model, Path(tmp) / "backbone.onnx")
+                ort_backbone = _ort_timer(_session(path), images)
             ort_full = _ort_timer(_session(onnx_path), images)
             rounds: dict[str, list[dict[int, float]]] = {k: [] for k in PARTS}
             for _ in range(args.rounds):  # each model beside its backbone, in turn
