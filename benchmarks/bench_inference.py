@@ -157,7 +157,7 @@ def main() -> None:
         dataset = load_dataset(root)
         print(f"images: {len(dataset.test[:32])} test images of {root}, resized to the input size")
         print(f"{'model':<40}{'ms b1':>9}{'ms b32':>9}{'x bb b1':>9}{'x bb b32':>9}{'b32<=b1':>10}")
-        ort_backbone, first = None, True
+        ort_backbone = None
         for head in args.heads.split(","):
             name, options = parse_head(head)
             if head in bundles or (name in bundles and set(options) <= SEARCH_OPTIONS):
@@ -182,7 +182,8 @@ def main() -> None:
             model.eval()
             images = resize_batch([load_image(x) for x in dataset.test[:32]], model.input_size)
             onnx_path = export_onnx(model, Path(tmp) / f"{name}.onnx", {})
-            if ort_backbone is None:  # every model shares the backbone and input size
+            first = ort_backbone is None
+            if first:  # every model shares the backbone and input size
                 path = _export_backbone(model, Path(tmp) / "backbone.onnx")
                 ort_backbone = _ort_timer(_session(path), images)
             ort_full = _ort_timer(_session(onnx_path), images)
@@ -203,7 +204,6 @@ def main() -> None:
             bb_flops = _flops(_Backbone(model), images[:2]) / 2
             share = _flops(model.head, features) / 2 / bb_flops  # faiss searches: not counted
             if first:
-                first = False
                 print(f"backbone FLOPs per image: {bb_flops / 1e9:.2f} G")
                 for runtime in RUNTIMES:
                     name_bb = f"{model.extractor.name} (backbone) {runtime}"

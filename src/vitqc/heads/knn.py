@@ -17,6 +17,7 @@ PatchCore embedding.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -132,8 +133,9 @@ class KNNHead(Head):
             raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
         self.search = search
         self.search_params = SearchParams(ef_search=ef_search, nprobe=nprobe, seed=seed)
-        self._index: tuple[tuple[int, int, int], object] | None = None
-        self._search_bank: tuple[tuple[int, int, int], torch.Tensor, torch.Tensor] | None = None
+        #: what is derived from the bank (the faiss index, the float32 search bank), by
+        #: name, with the bank's key when it was made (``_from_bank``)
+        self._derived: dict[str, tuple[tuple[int, int, int], Any]] = {}
         self.standardization, self.fuse = standardize, fuse
         self.standardize = (
             FeatureStandardizer(
@@ -174,32 +176,37 @@ class KNNHead(Head):
             raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
         self.search = search
         self.search_params = replace(self.search_params, **params)
-        self._index = None
+        self._derived.pop("index", None)
 
-    def _bank_key(self) -> tuple[int, int, int]:
-        """Changes whenever the bank does (``prepare``, ``load_state_dict``)."""
-        return (id(self.bank), self.bank._version, self.bank.data_ptr())
+    def _from_bank(self, name: str, build: Callable[[], Any]) -> Any:
+        """``build()``, made when first needed and again whenever the bank changes
+        (``prepare``, ``load_state_dict``, in place); never stored."""
+        key = (id(self.bank), self.bank._version, self.bank.data_ptr())
+        made = self._derived.get(name)
+        if made is None or made[0] != key:
+            made = self._derived[name] = (key, build())
+        return made[1]
 
     def search_bank(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The bank in float32 and its rows' squared norms, for the eager exact search:
-        computed when first needed and again whenever the bank changes, not per call
-        (per call they cost about 4 % of a magnetic_tile search at batch 1); never
-        stored."""
-        if self._search_bank is None or self._search_bank[0] != self._bank_key():
+        """The bank in float32 and its rows' squared norms, for the eager exact search
+        (per call they cost about 4 % of a magnetic_tile search at batch 1)."""
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
             # outside inference mode: kept and reused in any mode
             with torch.inference_mode(False), torch.no_grad():
                 bank = self.bank.detach().float()
-                self._search_bank = (self._bank_key(), bank, bank.pow(2).sum(1))
-        return self._search_bank[1], self._search_bank[2]
+                return bank, bank.pow(2).sum(1)
+
+        return self._from_bank("search_bank", build)
 
     def index(self) -> object:
-        """The faiss index over the bank, built when first needed and rebuilt whenever
-        the bank changes (``prepare``, ``load_state_dict``); never stored."""
-        key = self._bank_key()
-        if self._index is None or self._index[0] != key:
-            bank = self.bank.detach().float().cpu().numpy()
-            self._index = (key, build_index(bank, self.search, self.search_params))
-        return self._index[1]
+        """The faiss index over the bank."""
+        return self._from_bank(
+            "index",
+            lambda: build_index(
+                self.bank.detach().float().cpu().numpy(), self.search, self.search_params
+            ),
+        )
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Distance of each patch to its nearest bank entry. The exact search (and any
