@@ -297,3 +297,21 @@ def test_ratings_in_training_standardize_the_proxy_features_once(dataset, tmp_pa
                 p.add_(0.05 * torch.randn_like(p))
     assert ratings[0]["proxy"] != ratings[1]["proxy"]
     assert head == "vtadl" or len(calls) > 0  # figures() standardizes every time
+
+
+def test_a_seed_among_the_head_options_is_the_heads(dataset, tmp_path):
+    """``--head flow:seed=1`` seeds the head (its initial weights), not the fit's seed."""
+    from vitqc.pipeline import FitOptions, _ModelSearch
+
+    weights = {}
+    for seed in (None, 1):
+        options = {"steps": 2, **({} if seed is None else {"seed": seed})}
+        search = _ModelSearch(
+            dataset,
+            FitOptions(head="flow", head_options=options, progress=False, cache_dir=tmp_path),
+        )
+        (cand, overrides), *_ = search.choices()
+        head = search.build(cand, overrides, preview=False).head
+        assert head.seed == (0 if seed is None else 1)
+        weights[seed] = torch.cat([p.detach().flatten() for p in head.flows.parameters()])
+    assert not torch.equal(weights[None], weights[1])

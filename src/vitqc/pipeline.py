@@ -350,7 +350,7 @@ class _ModelSearch:
         kwargs = {**self.head_defaults(cand)["head"], **dict(cand.head_options), **overrides}
         if preview:
             name, kwargs = preview_head(name, kwargs)
-        kwargs["seed"] = self.options.seed
+        kwargs.setdefault("seed", self.options.seed)  # a seed among the head options wins
         sizes = [tuple(f.shape[-2:]) for f in train]
         torch.manual_seed(self.options.seed)  # before the head: initial weights, prepare()
         head = create_head(name, [f.shape[1] for f in train], sizes, **kwargs)
