@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -169,6 +172,41 @@ def test_early_stopping_stops_after_patience(data):
     result = train_head(head, data["train"], data["val"], cfg)
     assert result.epochs_run == result.best_epoch + 3
     assert result.epochs_run < 500
+
+
+@pytest.mark.parametrize("steps_per_epoch", [None, 5, 13])
+def test_an_epoch_is_a_pass_or_steps_per_epoch_batches_of_shuffled_passes(data, steps_per_epoch):
+    """Every image once per pass, in a new order each pass; with ``steps_per_epoch`` the
+    passes run on across epochs, each epoch that many batches."""
+    head = create_head("flow", CHANNELS, SIZES, steps=2)
+    head.prepare(data["train"])
+    n = data["train"][0].shape[0]  # 48: 5 batches of 10 a pass, the last of 8
+    with torch.no_grad():  # a fingerprint of each image, as training sees it
+        ident = head.fixed_inputs(data["train"])[1][:, 0, 0, 0]
+    batches: list[list[int]] = []
+    real = head.input_loss
+
+    def spy(inputs):
+        if head.training:
+            batches.append([int(torch.argmin((ident - v).abs())) for v in inputs[1][:, 0, 0, 0]])
+        return real(inputs)
+
+    head.input_loss = spy
+    epochs = 4
+    cfg = TrainConfig(
+        epochs=epochs, patience=100, batch_size=10, progress=False, steps_per_epoch=steps_per_epoch
+    )
+    result = train_head(head, data["train"], data["val"], cfg)
+    assert result.epochs_run == epochs
+    per_pass = math.ceil(n / 10)
+    assert len(batches) == epochs * (steps_per_epoch or per_pass)
+    for start in range(0, len(batches) - per_pass + 1, per_pass):
+        one_pass = [i for b in batches[start : start + per_pass] for i in b]
+        assert sorted(one_pass) == list(range(n))  # every image once a pass
+    assert [len(b) for b in batches[:per_pass]] == [10, 10, 10, 10, 8]
+    assert batches[0] != batches[per_pass]  # a new order each pass
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        train_head(head, data["train"], data["val"], replace(cfg, steps_per_epoch=0))
 
 
 def test_time_budget_stops_after_the_epoch_that_reaches_it(data):

@@ -93,7 +93,7 @@ def test_trainable_fold_models_train_the_final_best_epoch_count_without_selectio
     real = pipeline.train_head
 
     def spy(head, train, val, config, select=None):
-        calls.append((train[0].shape[0], val is None, select is None, config.epochs))
+        calls.append((train[0].shape[0], val is None, select is None, config))
         return real(head, train, val, config, select=select)
 
     monkeypatch.setattr(pipeline, "train_head", spy)
@@ -102,7 +102,8 @@ def test_trainable_fold_models_train_the_final_best_epoch_count_without_selectio
         head_options={"steps": 2},
         statistics="position",
         select="loss",  # NLL falls over the first epochs: the best epoch is not the start
-        epochs=2,
+        epochs=3,
+        steps_per_epoch=2,  # the fold models' epochs are as long as the final model's
         progress=False,
     )
     model, report = pipeline.fit(dataset, options)
@@ -110,8 +111,10 @@ def test_trainable_fold_models_train_the_final_best_epoch_count_without_selectio
     assert final[1] is False  # the final model selects on validation
     n_good = len(dataset.train) + len(dataset.val)
     assert report.train.best_epoch > 0 and len(folds) == 5
-    for n_fit, no_val, no_select, epochs in folds:
-        assert no_val and no_select and epochs == report.train.best_epoch
+    assert final[3].steps_per_epoch == 2
+    for n_fit, no_val, no_select, config in folds:
+        assert no_val and no_select and config.epochs == report.train.best_epoch
+        assert config.steps_per_epoch == 2
         assert n_good * 3 // 5 <= n_fit < n_good
 
 
@@ -131,6 +134,8 @@ def test_threshold_options_are_checked_before_any_work(dataset, tmp_path):
         fit(dataset, FitOptions(head="gaussian", min_area=-1))
     with pytest.raises(VitqcError, match="--threshold-folds"):
         fit(dataset, FitOptions(head="gaussian", folds=-1))
+    with pytest.raises(VitqcError, match="--steps-per-epoch must be 1 or more"):
+        fit(dataset, FitOptions(head="flow", steps_per_epoch=0))
     # 4 validation images cannot support 5 %: refused up front, naming the lowest target
     with pytest.raises(VitqcError, match=r"lowest target they support is 20\.00%"):
         fit(dataset, FitOptions(head="gaussian", folds=0, target_fpr=0.05))

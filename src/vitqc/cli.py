@@ -155,6 +155,14 @@ def fit(
         typer.Option(help="training time budget: stop after the epoch that reaches it"),
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="default: paper's Table 2")] = None,
+    steps_per_epoch: Annotated[
+        int | None,
+        typer.Option(
+            help="batches per epoch, from shuffled passes over the training images; the "
+            "proxy rates (or the validation loss is taken) once per epoch (default: the "
+            "backbone's setting for the head, else one pass)"
+        ),
+    ] = None,
     lr: Annotated[float | None, typer.Option(help="default: paper's Table 2")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="default: paper's Table 2")] = None,
     components: Annotated[int | None, typer.Option(help="gmm: mixture components")] = None,
@@ -246,6 +254,7 @@ def fit(
         auto=auto,
         max_minutes=max_minutes,
         batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
         lr=lr,
         weight_decay=weight_decay,
         seed=seed,

@@ -40,6 +40,10 @@ class TrainConfig:
     progress: bool = True
     #: Wall-clock budget: stop after the epoch that reaches it (best weights restored).
     max_minutes: float | None = None
+    #: Batches per epoch, drawn from one shuffled pass over the training set after
+    #: another (Keras's ``steps_per_epoch``); None: an epoch is one pass. Shorter epochs
+    #: rate (or validate) more often, so training stops sooner after its best.
+    steps_per_epoch: int | None = None
 
 
 @dataclass
@@ -62,6 +66,28 @@ def _batches(features: list[torch.Tensor], batch_size: int, order: torch.Tensor 
     for start in range(0, n, batch_size):
         take = idx[start : start + batch_size]
         yield [f[take] for f in features]
+
+
+def _epochs(
+    features: list[torch.Tensor],
+    batch_size: int,
+    generator: torch.Generator,
+    steps_per_epoch: int | None,
+):
+    """The batches of each epoch: one shuffled pass, or ``steps_per_epoch`` batches from
+    shuffled passes one after another (a pass's last batch may be smaller)."""
+    n = features[0].shape[0]
+
+    def passes():
+        while True:
+            yield from _batches(features, batch_size, torch.randperm(n, generator=generator))
+
+    if steps_per_epoch is None:
+        while True:
+            yield _batches(features, batch_size, torch.randperm(n, generator=generator))
+    stream = passes()
+    while True:
+        yield (next(stream) for _ in range(steps_per_epoch))
 
 
 def has_fixed_inputs(head: nn.Module) -> bool:
@@ -119,7 +145,8 @@ def train_head(
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    n_train = train_features[0].shape[0]
+    if config.steps_per_epoch is not None and config.steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be 1 or more, got {config.steps_per_epoch}")
     # the part training leaves unchanged (the fitted standardization), once, not per step
     train_inputs = fixed_inputs(head, train_features)
     val_inputs = None if val_features is None else fixed_inputs(head, val_features)
@@ -139,11 +166,11 @@ def train_head(
         leave=False,
     )
     epoch, stopped = 0, "epochs"
-    for epoch in bar:
+    epochs = _epochs(train_inputs, config.batch_size, generator, config.steps_per_epoch)
+    for epoch, batches in zip(bar, epochs, strict=False):  # the epochs never end
         head.train()
         running, seen = 0.0, 0
-        order = torch.randperm(n_train, generator=generator)
-        for batch in _batches(train_inputs, config.batch_size, order):
+        for batch in batches:
             loss = head.input_loss(batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"training loss became {float(loss)} at epoch {epoch}")
