@@ -159,8 +159,7 @@ def fit(
         int | None,
         typer.Option(
             help="batches per epoch, from shuffled passes over the training images; the "
-            "proxy rates (or the validation loss is taken) once per epoch (default: the "
-            "backbone's setting for the head, else one pass)"
+            "proxy rates (or the validation loss is taken) once per epoch (default: one pass)"
         ),
     ] = None,
     lr: Annotated[float | None, typer.Option(help="default: paper's Table 2")] = None,

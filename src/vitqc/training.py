@@ -77,14 +77,14 @@ def _epochs(
     """The batches of each epoch: one shuffled pass, or ``steps_per_epoch`` batches from
     shuffled passes one after another (a pass's last batch may be smaller)."""
     n = features[0].shape[0]
+    if steps_per_epoch is None:
+        while True:
+            yield _batches(features, batch_size, torch.randperm(n, generator=generator))
 
     def passes():
         while True:
             yield from _batches(features, batch_size, torch.randperm(n, generator=generator))
 
-    if steps_per_epoch is None:
-        while True:
-            yield _batches(features, batch_size, torch.randperm(n, generator=generator))
     stream = passes()
     while True:
         yield (next(stream) for _ in range(steps_per_epoch))
