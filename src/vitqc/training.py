@@ -74,12 +74,10 @@ def _epochs(
     generator: torch.Generator,
     steps_per_epoch: int | None,
 ):
-    """The batches of each epoch: one shuffled pass, or ``steps_per_epoch`` batches from
-    shuffled passes one after another (a pass's last batch may be smaller)."""
+    """The batches of each epoch: ``steps_per_epoch`` batches (default: a pass's worth)
+    from shuffled passes one after another (a pass's last batch may be smaller)."""
     n = features[0].shape[0]
-    if steps_per_epoch is None:
-        while True:
-            yield _batches(features, batch_size, torch.randperm(n, generator=generator))
+    steps = steps_per_epoch or math.ceil(n / batch_size)
 
     def passes():
         while True:
@@ -87,7 +85,7 @@ def _epochs(
 
     stream = passes()
     while True:
-        yield (next(stream) for _ in range(steps_per_epoch))
+        yield (next(stream) for _ in range(steps))
 
 
 def has_fixed_inputs(head: nn.Module) -> bool:
