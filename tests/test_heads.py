@@ -507,16 +507,21 @@ def test_position_whitening_norm_is_the_mahalanobis_distance():
         np.testing.assert_allclose(got, expected, rtol=1e-3)
 
 
-@pytest.mark.parametrize("block_values", [None, 50])
+@pytest.mark.parametrize(
+    ("kernel", "block_values"), [("rows", None), ("blocks", None), ("blocks", 50)]
+)
 @pytest.mark.parametrize("fuse", [True, False])
 def test_position_whitening_is_the_per_position_product_and_leaves_its_input_alone(
-    monkeypatch, fuse, block_values
+    monkeypatch, fuse, kernel, block_values
 ):
     """The whitening lays the (fused) features out position-major itself; what it returns
     is exactly the whitening matrix times the standardized (concatenated) vector at each
-    position, for one image (products over blocks of positions: with 50 values per
-    block, several blocks and a partial last one) or several, laid out with contiguous
-    channels, and the caller's features are not touched."""
+    position, for one image (by either single-image kernel; products over blocks of
+    positions with 50 values per block: several blocks and a partial last one) or
+    several, laid out with contiguous channels, and the caller's features are not
+    touched."""
+    monkeypatch.setattr(base, "SINGLE_IMAGE_KERNELS", {kernel: base.SINGLE_IMAGE_KERNELS[kernel]})
+    monkeypatch.setattr(base, "_fastest_kernel", {})
     if block_values is not None:
         monkeypatch.setattr(base, "_BLOCK_VALUES", block_values)
     channels, sizes = [1, 3], [(6, 6), (3, 3)]  # one channel: a [P, 1, 1] layout
@@ -539,6 +544,37 @@ def test_position_whitening_is_the_per_position_product_and_leaves_its_input_alo
             torch.testing.assert_close(z, expected.reshape(n, c, h, w), rtol=1e-6, atol=1e-6)
             # channels contiguous: the flow and the GMM read it without a transposing copy
             assert c == 1 or z.stride(1) == 1
+
+
+def test_one_image_takes_the_kernel_timed_fastest_once_per_shape(monkeypatch):
+    """The first single image of a shape times every kernel (3 alternating rounds) and
+    keeps the fastest for that shape; later images of that shape only run it, and both
+    kernels give the batched product."""
+    calls = {name: 0 for name in base.SINGLE_IMAGE_KERNELS}
+
+    def counted(name):
+        kernel = base.SINGLE_IMAGE_KERNELS[name]
+
+        def run(matrices, x):
+            calls[name] += 1
+            return kernel(matrices, x)
+
+        return run
+
+    monkeypatch.setattr(
+        base, "SINGLE_IMAGE_KERNELS", {name: counted(name) for name in base.SINGLE_IMAGE_KERNELS}
+    )
+    monkeypatch.setattr(base, "_fastest_kernel", {})
+    g = torch.Generator().manual_seed(6)
+    matrices, x = torch.randn(7, 5, 5, generator=g), torch.randn(7, 1, 5, generator=g)
+    expected = torch.bmm(x, matrices.transpose(1, 2))
+    torch.testing.assert_close(base.single_image_products(matrices, x), expected)
+    chosen = base._fastest_kernel[(7, 5, 5)]
+    assert calls == {name: 3 + (name == chosen) for name in calls}
+    torch.testing.assert_close(base.single_image_products(matrices, x), expected)
+    assert calls == {name: 3 + 2 * (name == chosen) for name in calls}
+    for kernel in base.SINGLE_IMAGE_KERNELS.values():
+        torch.testing.assert_close(kernel(matrices, x), expected)
 
 
 def test_position_whitening_of_one_image_keeps_its_gradient():

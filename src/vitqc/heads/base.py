@@ -8,6 +8,8 @@ score never depends on its neighbours.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -281,7 +283,7 @@ class FeatureStandardizer(nn.Module):
         x.sub_(mean.view(c, p).T.unsqueeze(1)).div_(std.view(c, p).T.unsqueeze(1))
         whitening = getattr(self, f"whitening_{i}")
         if b == 1 and not (torch.jit.is_tracing() or x.requires_grad):  # out= has no grad
-            z = _matrix_vector_by_blocks(whitening, x.transpose(1, 2)).transpose(1, 2)
+            z = single_image_products(whitening, x)
         else:
             # one matrix product per position, the stored [P, C, C] used in place as the
             # transposed right-hand side (BLAS reads it so; einsum copied it on every
@@ -307,21 +309,55 @@ class FeatureStandardizer(nn.Module):
         return out
 
 
-def _matrix_vector_by_blocks(matrices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``matrices [P, C, C] @ x [P, C, 1]`` as products and row sums over blocks of
-    positions, one reused buffer of ``_BLOCK_VALUES`` values: for a single image the
-    product only streams the matrices once, which ``bmm`` with one column (MKL's
-    matrix-vector kernel) did at about a quarter of the memory speed on AMD EPYC."""
+def _products_by_rows(matrices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x [P, 1, C] @ matrices[p]^T`` as ``bmm`` with one row per position."""
+    return torch.bmm(x, matrices.transpose(1, 2))
+
+
+def _products_by_blocks(matrices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x [P, 1, C] @ matrices[p]^T`` as products and row sums over blocks of positions,
+    one reused buffer of ``_BLOCK_VALUES`` values."""
     p, c, _ = matrices.shape
     step = max(1, _BLOCK_VALUES // (c * c))
-    out = x.new_empty(p, c, 1)
+    out = x.new_empty(p, 1, c)
     products = x.new_empty(min(step, p), c, c)
     for start in range(0, p, step):
         block = matrices[start : start + step]
         n = block.shape[0]
-        torch.mul(block, x[start : start + n].transpose(1, 2), out=products[:n])
-        torch.sum(products[:n], 2, keepdim=True, out=out[start : start + n])
+        torch.mul(block, x[start : start + n], out=products[:n])
+        torch.sum(products[:n], 2, out=out[start : start + n, 0])
     return out
+
+
+SINGLE_IMAGE_KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "rows": _products_by_rows,
+    "blocks": _products_by_blocks,
+}
+#: The kernel ``single_image_products`` timed fastest, per shape of the matrices.
+_fastest_kernel: dict[tuple[int, ...], str] = {}
+
+
+def single_image_products(matrices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """One image's per-position products ``x [P, 1, C] @ matrices[p]^T``, by whichever
+    kernel of ``SINGLE_IMAGE_KERNELS`` ran faster on this machine for these shapes,
+    timed on the first call (best of 3, alternating).
+
+    The product only has to stream the matrices once, but how fast a kernel does so
+    depends on the CPU and its BLAS: ``bmm`` with one row per position ran near memory
+    speed on an Intel Xeon, while ``bmm`` with one column ran MKL's matrix-vector kernel
+    at a quarter of it on an AMD EPYC, where products and row sums over blocks did well.
+    """
+    key = tuple(matrices.shape)
+    name = _fastest_kernel.get(key)
+    if name is None:
+        best = dict.fromkeys(SINGLE_IMAGE_KERNELS, math.inf)
+        for _ in range(3):
+            for kernel_name, kernel in SINGLE_IMAGE_KERNELS.items():
+                start = time.perf_counter()
+                kernel(matrices, x)
+                best[kernel_name] = min(best[kernel_name], time.perf_counter() - start)
+        name = _fastest_kernel[key] = min(best, key=best.__getitem__)
+    return SINGLE_IMAGE_KERNELS[name](matrices, x)
 
 
 def fuse_maps(maps: list[torch.Tensor]) -> torch.Tensor:
