@@ -318,6 +318,7 @@ def test_backbone_head_overrides_replace_table_2_where_it_has_no_row():
     assert head_defaults("knn", "tf_efficientnet_lite0", "cnn")["head"] == {
         "standardize": "position",
         "fuse": True,
+        "neighbourhood": 1,
     }
     assert head_defaults("knn", "resnet50", "cnn")["head"] == {}
     # DINOv2's GMM starts from the whitened Gaussian; the rest of Table 2's ViT row stays

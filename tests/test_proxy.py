@@ -12,7 +12,7 @@ from vitqc.data.layouts import load_dataset
 from vitqc.data.proxy import PROXY_KINDS, make_proxy_set, proxy_figures
 from vitqc.data.synth import MIN_DELTA
 from vitqc.data.transforms import resize_batch
-from vitqc.heads import create_head
+from vitqc.heads import create_head, position_free_options
 from vitqc.training import TrainConfig, evaluate_loss, train_head
 
 
@@ -160,6 +160,11 @@ def test_knn_candidates_are_rated_on_a_small_coreset_and_refitted_in_full(datase
     model, report = _fit(dataset, tmp_path, head="knn", statistics="auto")
     labels = [r["candidate"] for r in report.candidates]
     assert len(labels) == 2 and any('"standardize": null' in label for label in labels)
+    # the position-free candidate is the plain PatchCore embedding (3 x 3 neighbourhoods),
+    # whatever the backbone's default neighbourhood
+    free = position_free_options("knn", {"standardize": "position", "neighbourhood": 1})
+    assert free == {"standardize": None, "fuse": False, "neighbourhood": 3}
+    assert position_free_options("knn", {"standardize": None}) is None
     train_patches = len(dataset.train) * 28 * 28  # finest grid of lite0 layers 2,3 at 224 px
     assert model.head.bank.shape[0] == round(0.1 * train_patches)  # full coreset, not 1 %
 

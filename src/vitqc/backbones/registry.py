@@ -81,7 +81,9 @@ _LITE_HEAD_OVERRIDES: dict[str, dict[str, Any]] = {
         "lr": 1e-3,
         "head": {**_WHITENED_GMM, "fuse": True},
     },
-    "knn": {"head": {"standardize": "position", "fuse": True}},
+    # each patch alone (no 3 x 3 averaging): higher image AUROC and AUPRO on magnetic_tile
+    # and kolektorsdd (issue 14 notes); the position-free alternative stays PatchCore's
+    "knn": {"head": {"standardize": "position", "fuse": True, "neighbourhood": 1}},
 }
 
 

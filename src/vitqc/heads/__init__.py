@@ -154,10 +154,18 @@ def _option_default(name: str, option: str) -> Any:
 def position_free_options(name: str, options: dict[str, Any]) -> dict[str, Any] | None:
     """Option overrides that make a head's statistics position-free, or None when they
     already are (or the head has none). Per-position statistics model aligned parts
-    well and fail when parts move between photos; ``fit`` rates both on the proxy."""
+    well and fail when parts move between photos; ``fit`` rates both on the proxy. The
+    knn head's position-free variant is the plain PatchCore embedding (its own 3 x 3
+    neighbourhoods too, whatever the backbone's default)."""
     mode = options.get("standardize", _option_default(name, "standardize"))
     if name == "knn":  # position-free knn is the plain PatchCore embedding
-        return {"standardize": None, "fuse": False} if mode is not None else None
+        if mode is None:
+            return None
+        return {
+            "standardize": None,
+            "fuse": False,
+            "neighbourhood": _option_default(name, "neighbourhood"),
+        }
     if mode in POSITION_FREE:
         return {"standardize": POSITION_FREE[mode]}
     return None

@@ -1,10 +1,11 @@
 """Nearest-neighbour baseline head (PatchCore style): a coreset memory bank.
 
-Patch embeddings are the feature maps averaged over a 3x3 neighbourhood, brought to
-the finest grid and concatenated. The bank is the greedy k-center coreset of the
-training patches (PatchCore's, picked on a random projection in few passes over the
-patches) stored as float16. The patch score is the Euclidean distance to the
-nearest bank entry.
+Patch embeddings are the feature maps averaged over a ``neighbourhood`` x
+``neighbourhood`` window (PatchCore's 3; EfficientNet-Lite's default takes each patch
+alone, ``backbones.registry``), brought to the finest grid and concatenated. The bank
+is the greedy k-center coreset of the training patches (PatchCore's, picked on a random
+projection in few passes over the patches) stored as float16. The patch score is the
+Euclidean distance to the nearest bank entry.
 
 ``standardize`` (off by default; "position" with ``fuse=True`` for EfficientNet-Lite)
 first standardizes the features per channel and grid position, as the density heads do:
