@@ -37,15 +37,16 @@ _LOG_2PI = math.log(2 * math.pi)
 
 #: How far below the largest term a log-sum-exp keeps terms: exp of anything lower is
 #: a subnormal float (or zero), which CPUs compute tens of times slower than normal
-#: floats (on one Xeon, 45x for a GMM's [784, 32, 50] log-joint), while adding nothing a
-#: float32 or float64 sum dominated by the largest term (1) can hold.
+#: floats, while it adds nothing a float32 or float64 sum dominated by the largest term
+#: (1) can hold.
 _LOG_FLOOR = -80.0
 
 
 def logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """``torch.logsumexp`` over ``dim`` with terms more than ``-_LOG_FLOOR`` below the
-    largest left out (they round away). The largest term is a constant for autograd, so
-    the gradient is the softmax of the terms kept, as ``torch.logsumexp``'s."""
+    """``torch.logsumexp`` of finite terms over ``dim``, with terms more than
+    ``-_LOG_FLOOR`` below the largest left out (they round away). The largest term is a
+    constant for autograd, so the gradient is the softmax of the terms kept, as
+    ``torch.logsumexp``'s."""
     peak = x.detach().amax(dim, keepdim=True)
     return (x - peak).clamp_min(_LOG_FLOOR).exp().sum(dim).log() + peak.squeeze(dim)
 
