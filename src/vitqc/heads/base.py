@@ -291,10 +291,7 @@ class FeatureStandardizer(nn.Module):
         if b == 1 and not (torch.jit.is_tracing() or x.requires_grad):  # out= has no grad
             z = single_image_products(whitening, x)
         else:
-            # one matrix product per position, the stored [P, C, C] used in place as the
-            # transposed right-hand side (BLAS reads it so; einsum copied it on every
-            # call): x W^T, channels contiguous in the result
-            z = torch.bmm(x, whitening.transpose(1, 2))  # [P, B, C]
+            z = per_position_products(whitening, x)  # [P, B, C]
         return z.permute(1, 2, 0).reshape(b, c, *self.out_sizes[i])
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -315,8 +312,10 @@ class FeatureStandardizer(nn.Module):
         return out
 
 
-def _products_by_rows(matrices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``x [P, 1, C] @ matrices[p]^T`` as ``bmm`` with one row per position."""
+def per_position_products(matrices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x [P, B, C] @ matrices[p]^T``: one matrix product per position, the stored
+    ``[P, C, C]`` used in place as the transposed right-hand side (BLAS reads it so;
+    einsum copied it on every call), channels contiguous in the result."""
     return torch.bmm(x, matrices.transpose(1, 2))
 
 
@@ -336,7 +335,7 @@ def _products_by_blocks(matrices: torch.Tensor, x: torch.Tensor) -> torch.Tensor
 
 
 SINGLE_IMAGE_KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "rows": _products_by_rows,
+    "rows": per_position_products,
     "blocks": _products_by_blocks,
 }
 #: The kernel ``single_image_products`` timed fastest, per shape of the matrices.
