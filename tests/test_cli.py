@@ -175,6 +175,16 @@ def test_bad_inputs_give_one_line_errors(fitted, tmp_path, synth_root):
         run_cli("fit", synth_root, "--out", tmp_path / "m", "--max-minutes", "0"),
         "--max-minutes",
     )
+    assert_one_line_error(
+        run_cli("fit", synth_root, "--out", tmp_path / "m", "--train-precision", "half"),
+        "--train-precision",
+        "half",
+    )
+    assert_one_line_error(
+        run_cli("fit", synth_root, "--out", tmp_path / "m", "--head", "gmm",
+                "--train-precision", "bfloat16"),
+        "--train-precision bfloat16", "gmm",
+    )  # fmt: skip
     empty = tmp_path / "empty" / "train" / "good"
     empty.mkdir(parents=True)
     assert_one_line_error(run_cli("fit", tmp_path / "empty", "--out", tmp_path / "m"), "empty")

@@ -24,7 +24,13 @@ from vitqc.heads.gmm import (
 )
 from vitqc.heads.gmm import logsumexp as floored_logsumexp
 from vitqc.heads.knn import greedy_coreset
-from vitqc.training import TrainConfig, evaluate_loss, train_head
+from vitqc.training import (
+    TrainConfig,
+    evaluate_loss,
+    native_bfloat16,
+    train_head,
+    training_precision,
+)
 
 CHANNELS = [8, 16]
 SIZES = [(8, 8), (4, 4)]
@@ -241,6 +247,49 @@ def test_time_budget_stops_after_the_epoch_that_reaches_it(data):
     assert (result.epochs_run, result.stopped) == (3, "epochs")
     _, result = run(epochs=500, patience=2)
     assert result.stopped == "patience" and result.epochs_run == result.best_epoch + 2
+
+
+def test_flow_steps_run_in_bfloat16_where_asked_weights_and_evaluation_in_float32(data):
+    """``precision="bfloat16"``: the training steps' convolutions give bfloat16 under
+    autocast; the weights, the validation loss and the scores stay float32."""
+
+    def run(precision: str):
+        head = create_head("flow", CHANNELS, SIZES, steps=2)
+        head.prepare(data["train"])
+        seen: set[tuple[bool, torch.dtype]] = set()  # (training step, conv output dtype)
+        for module in head.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.register_forward_hook(
+                    lambda mod, args, out: seen.add((torch.is_grad_enabled(), out.dtype))
+                )
+        before = evaluate_loss(head, data["val"], 8)
+        cfg = TrainConfig(epochs=4, patience=100, batch_size=8, lr=1e-2, progress=False)
+        result = train_head(head, data["train"], data["val"], replace(cfg, precision=precision))
+        return head, result, seen, before
+
+    head, result, seen, before = run("bfloat16")
+    assert result.precision == "bfloat16"
+    assert seen == {(True, torch.bfloat16), (False, torch.float32)}
+    assert all(p.dtype == torch.float32 for p in head.parameters())
+    assert result.best_val_loss < before  # it learns
+    assert evaluate_loss(head, data["val"], 8) == pytest.approx(result.best_val_loss, rel=1e-6)
+    _, result, seen, _ = run("float32")
+    assert result.precision == "float32"
+    assert seen == {(True, torch.float32), (False, torch.float32)}
+    _, result, _, _ = run("auto")
+    assert result.precision == ("bfloat16" if native_bfloat16() else "float32")
+
+
+def test_only_heads_that_allow_it_train_in_bfloat16():
+    gmm = create_head("gmm", CHANNELS, SIZES)
+    flow = create_head("flow", CHANNELS, SIZES, steps=2)
+    assert training_precision(gmm, "auto") == "float32"
+    assert training_precision(flow, "float32") == "float32"
+    assert training_precision(flow, "bfloat16") == "bfloat16"
+    with pytest.raises(ValueError, match="gmm head does not train in bfloat16"):
+        training_precision(gmm, "bfloat16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        training_precision(flow, "half")
 
 
 def test_greedy_coreset_covers_clusters():

@@ -162,6 +162,13 @@ def fit(
             "proxy rates (or the validation loss is taken) once per epoch (default: one pass)"
         ),
     ] = None,
+    train_precision: Annotated[
+        str,
+        typer.Option(
+            help="auto (bfloat16 products for the flow where the CPU computes bfloat16 "
+            "natively, else float32), float32 or bfloat16 (flow only)"
+        ),
+    ] = "auto",
     lr: Annotated[float | None, typer.Option(help="default: paper's Table 2")] = None,
     weight_decay: Annotated[float | None, typer.Option(help="default: paper's Table 2")] = None,
     components: Annotated[int | None, typer.Option(help="gmm: mixture components")] = None,
@@ -254,6 +261,7 @@ def fit(
         max_minutes=max_minutes,
         batch_size=batch_size,
         steps_per_epoch=steps_per_epoch,
+        train_precision=train_precision,
         lr=lr,
         weight_decay=weight_decay,
         seed=seed,
@@ -295,7 +303,8 @@ def fit(
         )
         _echo(
             f"best epoch {t.best_epoch} of {t.epochs_run} (stopped by {t.stopped}, chosen by "
-            f"{report.selection}), validation loss {t.best_val_loss:.4g}{rating}"
+            f"{report.selection}; steps in {t.precision}), validation loss "
+            f"{t.best_val_loss:.4g}{rating}"
         )
     for row in report.candidates:
         mark = "*" if row["candidate"] == report.chosen else " "

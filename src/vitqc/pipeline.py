@@ -28,6 +28,7 @@ from vitqc.data.transforms import Preprocessor, resize_batch
 from vitqc.errors import VitqcError
 from vitqc.folds import DEFAULT_FOLDS, OutOfFold, out_of_fold_scores
 from vitqc.heads import (
+    HEADS,
     check_backbone,
     create_head,
     default_backbone,
@@ -37,7 +38,14 @@ from vitqc.heads import (
 )
 from vitqc.heads.base import FeatureStandardizer, Head
 from vitqc.scoring import AnomalyModel, aggregate_maps
-from vitqc.training import TrainConfig, TrainResult, fixed_inputs, has_fixed_inputs, train_head
+from vitqc.training import (
+    PRECISIONS,
+    TrainConfig,
+    TrainResult,
+    fixed_inputs,
+    has_fixed_inputs,
+    train_head,
+)
 
 
 @dataclass
@@ -59,6 +67,9 @@ class FitOptions:
     #: by default: rated every 4 or 8 steps, the EfficientNet-Lite0 flow stopped sooner on
     #: magnetic_tile, at a lower test image AUROC on each of three seeds (issue 14 notes).
     steps_per_epoch: int | None = None
+    #: ``TrainConfig.precision``: "auto" (bfloat16 where the head allows it and the CPU
+    #: computes it natively), "float32" or "bfloat16"
+    train_precision: str = "auto"
     lr: float | None = None
     weight_decay: float | None = None
     seed: int = 0
@@ -518,6 +529,16 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         raise VitqcError(f"--min-area must be 0 or more, got {options.min_area}")
     if options.steps_per_epoch is not None and options.steps_per_epoch < 1:
         raise VitqcError(f"--steps-per-epoch must be 1 or more, got {options.steps_per_epoch}")
+    if options.train_precision not in PRECISIONS:
+        raise VitqcError(
+            f"--train-precision must be one of {', '.join(PRECISIONS)}, "
+            f"got {options.train_precision!r}"
+        )
+    head_class = HEADS.get(options.head)
+    if options.train_precision == "bfloat16" and not getattr(head_class, "mixed_precision", True):
+        raise VitqcError(
+            f"--train-precision bfloat16: the {options.head} head does not train in bfloat16"
+        )
     if options.folds < 0:
         raise VitqcError(f"--threshold-folds must be 0 or more, got {options.folds}")
     if options.target_fpr is not None and options.calibration == "fpr":
@@ -547,6 +568,7 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         patience=patience,
         batch_size=options.batch_size or defaults.get("batch_size", 32),
         steps_per_epoch=options.steps_per_epoch,
+        precision=options.train_precision,
         lr=options.lr or defaults.get("lr", 1e-3),
         weight_decay=options.weight_decay
         if options.weight_decay is not None

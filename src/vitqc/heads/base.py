@@ -378,6 +378,9 @@ class Head(nn.Module):
 
     name: str = "head"
     trainable: bool = True
+    #: Training may run the head's products in bfloat16 (``vitqc.training``); set where
+    #: measured not to change the trained model's figures (the flow).
+    mixed_precision: bool = False
 
     def __init__(self, feature_channels: list[int], feature_sizes: list[tuple[int, int]]) -> None:
         super().__init__()

@@ -59,6 +59,7 @@ def build_flow(
 
 class FlowHead(Head):
     name = "flow"
+    mixed_precision = True
 
     def __init__(
         self,
