@@ -374,6 +374,7 @@ def test_backbone_head_overrides_replace_table_2_where_it_has_no_row():
     # steps still from Table 2
     assert lite["head"] == {"steps": 8, "hidden_ratio": 1.0, "standardize": "position-whiten"}
     assert lite["batch_size"] == 32 and lite["lr"] == 1e-3 and lite["weight_decay"] == 1e-5
+    assert lite["proxy_patience"] == 1  # it peaks at epoch 0 or 1 by the proxy
     # the override is a copy: the registry's data stays as it was
     lite["head"]["steps"] = 99
     assert head_defaults("flow", "tf_efficientnet_lite1", "cnn")["head"]["steps"] == 8

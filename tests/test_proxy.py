@@ -12,7 +12,8 @@ from vitqc.data.layouts import load_dataset
 from vitqc.data.proxy import PROXY_KINDS, make_proxy_set, proxy_figures
 from vitqc.data.synth import MIN_DELTA
 from vitqc.data.transforms import resize_batch
-from vitqc.heads import create_head, position_free_options
+from vitqc.heads import create_head, head_defaults, position_free_options
+from vitqc.pipeline import LOSS_PATIENCE
 from vitqc.training import TrainConfig, evaluate_loss, train_head
 
 
@@ -293,7 +294,7 @@ def test_ratings_in_training_standardize_the_proxy_features_once(dataset, tmp_pa
     rate, ratings = proxy.rater(model), []
     for _ in range(2):
         before = len(calls)
-        ratings.append(rate())
+        ratings.append(rate().figures)
         assert len(calls) == before  # nothing standardized again
         assert ratings[-1] == pytest.approx(proxy.figures(model), rel=1e-5)
         model.head.train()  # an epoch's worth of change
@@ -302,6 +303,42 @@ def test_ratings_in_training_standardize_the_proxy_features_once(dataset, tmp_pa
                 p.add_(0.05 * torch.randn_like(p))
     assert ratings[0]["proxy"] != ratings[1]["proxy"]
     assert head == "vtadl" or len(calls) > 0  # figures() standardizes every time
+
+
+@pytest.mark.parametrize(
+    "kw,patience",
+    [({}, 1), ({"patience": 3}, 3), ({"select": "loss", "epochs": 2}, LOSS_PATIENCE)],
+)
+def test_whitened_lite_flow_stops_one_epoch_after_its_best_rating(dataset, tmp_path, kw, patience):
+    """EfficientNet-Lite's flow and GMM (started from the whitened Gaussian) take the
+    registry's proxy patience of 1; an explicit patience, or selection by loss, wins."""
+    _, report = _fit(dataset, tmp_path, head="flow", head_options={"steps": 2}, **kw)
+    assert report.train_config["patience"] == patience
+    if patience == 1:
+        assert report.train.stopped == "patience"
+        assert report.train.epochs_run == report.train.best_epoch + 1
+    assert head_defaults("gmm", "tf_efficientnet_lite0", "cnn")["proxy_patience"] == 1
+    assert "proxy_patience" not in head_defaults("flow", "resnet50", "cnn")
+
+
+@pytest.mark.parametrize("head,rule", [("flow", "fpr"), ("gaussian", "f1-synthetic")])
+def test_the_kept_models_rating_calibrates_it_as_scoring_again_would(dataset, tmp_path, head, rule):
+    """fit calibrates on the scores and maps of the kept model's proxy rating (the
+    validation images and their defective copies) instead of scoring them again: the
+    threshold and the map range are those of a fresh calibration."""
+    from vitqc.pipeline import FitOptions, _ModelSearch, calibrate
+
+    options = {"flow": {"steps": 2}}.get(head, {})
+    kw = {"head": head, "head_options": options, "calibration": rule}
+    model, report = _fit(dataset, tmp_path, **kw)
+    search = _ModelSearch(
+        dataset, FitOptions(progress=False, cache_dir=tmp_path / "cache", folds=0, **kw)
+    )
+    fresh = calibrate(model, search.features(None), search.options)
+    cal = report.calibration
+    assert cal.method == rule
+    assert cal.threshold == pytest.approx(fresh.threshold, rel=1e-5)
+    assert (cal.map_low, cal.map_high) == pytest.approx((fresh.map_low, fresh.map_high), rel=1e-5)
 
 
 def test_a_seed_among_the_head_options_is_the_heads(dataset, tmp_path):

@@ -125,7 +125,8 @@ def fit(
     patience: Annotated[
         int | None,
         typer.Option(
-            help="early-stopping patience in epochs (default 2 with --select proxy, 30 with loss)"
+            help="early-stopping patience in epochs (default with --select proxy: 2, 1 for "
+            "flow and gmm on EfficientNet-Lite; 30 with loss)"
         ),
     ] = None,
     select: Annotated[

@@ -59,7 +59,8 @@ class FitOptions:
     head: str = "flow"
     head_options: dict[str, Any] = field(default_factory=dict)
     epochs: int = 500
-    #: None: ``PROXY_PATIENCE`` when epochs are chosen by the proxy, else ``LOSS_PATIENCE``
+    #: None: when epochs are chosen by the proxy the head overrides' ``proxy_patience``
+    #: (registry) or ``PROXY_PATIENCE``, else ``LOSS_PATIENCE``
     patience: int | None = None
     max_minutes: float | None = None
     batch_size: int | None = None
@@ -107,9 +108,10 @@ class FitOptions:
 SELECTIONS = ("proxy", "loss")
 CALIBRATIONS = ("fpr", "f1", "f1-synthetic")
 STATISTICS = ("auto", "position", "free")
-#: Epochs without a better rating before training stops. Heads that start from the
-#: whitened Gaussian peak within a few epochs by the proxy; NLL keeps falling for
-#: hundreds of epochs, hence the longer patience there.
+#: Epochs without a better rating before training stops (a backbone's head overrides
+#: may set their own, ``proxy_patience``). Heads that start from the whitened Gaussian
+#: peak within a few epochs by the proxy; NLL keeps falling for hundreds of epochs,
+#: hence the longer patience there.
 PROXY_PATIENCE = 2
 LOSS_PATIENCE = 30
 
@@ -170,6 +172,17 @@ def build_preprocessor(extractor, train: Sequence[Sample], minmax: bool) -> Prep
 
 
 @dataclass
+class ProxyRating:
+    """A model's figures on the synthetic-defect validation set, with the image scores
+    and maps ``[N]``, ``[N, H, W]`` they came from: the good validation images' (what the
+    threshold is calibrated on) and their defective copies'."""
+
+    figures: dict[str, float]
+    good: tuple[np.ndarray, np.ndarray]
+    defect: tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
 class ProxyValidation:
     """The synthetic-defect validation set with the backbone features of both halves."""
 
@@ -178,36 +191,40 @@ class ProxyValidation:
     defect_features: list[torch.Tensor]
 
     def figures(self, model: AnomalyModel) -> dict[str, float]:
-        return self.figures_by_image_score(model, [model.image_score])[model.image_score]
+        return self.rating(model).figures
 
-    def rater(self, model: AnomalyModel) -> Callable[[], dict[str, float]]:
-        """``figures(model)`` for a model rated again and again as its head trains: the
-        part training leaves unchanged (``Head.fixed_inputs``, the fitted standardization)
-        runs on the good and defective features once, not at every rating."""
-        if not has_fixed_inputs(model.head):
-            return lambda: self.figures(model)
-        good = fixed_inputs(model.head, self.good_features)
-        defect = fixed_inputs(model.head, self.defect_features)
-
-        def rate() -> dict[str, float]:
-            score = model.image_score
-            return self.figures_by_image_score(model, [score], (good, defect))[score]
-
-        return rate
-
-    def figures_by_image_score(
+    def rating(
         self,
         model: AnomalyModel,
-        image_scores: Sequence[str],
         inputs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
-    ) -> dict[str, dict[str, float]]:
-        """The figures of one model under several image scores: its maps (the costly
-        part) are computed once, each image score aggregates them as the model would.
+    ) -> ProxyRating:
+        """The model's figures under its own image score, with its scores and maps.
         ``inputs``: the head's ``fixed_inputs`` of the good and the defective features."""
         good_in, defect_in = inputs or (self.good_features, self.defect_features)
         from_inputs = inputs is not None
-        good_scores, good_maps = score_features(model, good_in, from_inputs=from_inputs)
-        defect_scores, defect_maps = score_features(model, defect_in, from_inputs=from_inputs)
+        good = score_features(model, good_in, from_inputs=from_inputs)
+        defect = score_features(model, defect_in, from_inputs=from_inputs)
+        return ProxyRating(proxy_figures(*good, *defect, self.defects.masks), good, defect)
+
+    def rater(self, model: AnomalyModel) -> Callable[[], ProxyRating]:
+        """``rating(model)`` for a model rated again and again as its head trains: the
+        part training leaves unchanged (``Head.fixed_inputs``, the fitted standardization)
+        runs on the good and defective features once, not at every rating."""
+        if not has_fixed_inputs(model.head):
+            return lambda: self.rating(model)
+        inputs = (
+            fixed_inputs(model.head, self.good_features),
+            fixed_inputs(model.head, self.defect_features),
+        )
+        return lambda: self.rating(model, inputs)
+
+    def figures_by_image_score(
+        self, model: AnomalyModel, image_scores: Sequence[str]
+    ) -> dict[str, dict[str, float]]:
+        """The figures of one model under several image scores: its maps (the costly
+        part) are computed once, each image score aggregates them as the model would."""
+        good_scores, good_maps = score_features(model, self.good_features)
+        defect_scores, defect_maps = score_features(model, self.defect_features)
         own_score = type(model.head).score is not Head.score  # VT-ADL: map-independent
         out = {}
         for name in image_scores:
@@ -428,16 +445,21 @@ def calibrate(
     options: FitOptions,
     normal_scores: np.ndarray | None = None,
     cache: FeatureCache | None = None,
+    rated: ProxyRating | None = None,
 ) -> Calibration:
     """The decision threshold, its FPR and the map normalization, before any test image:
     the threshold from ``normal_scores`` (out-of-fold scores of the good images; None:
-    the validation images), the normalization from the validation maps."""
-    val_scores, val_maps = score_features(model, feats.val)
+    the validation images), the normalization from the validation maps. ``rated``: the
+    model's rating on the synthetic-defect validation set, whose scores and maps of the
+    validation images (and their defective copies) are used instead of scoring again."""
+    val_scores, val_maps = rated.good if rated else score_features(model, feats.val)
     if options.calibration in ("f1", "f1-synthetic"):
         if options.calibration == "f1":  # the user's labelled defective images
             defect_scores, defect_maps = score_samples(
                 model, options.val_defects, cache, progress=options.progress
             )
+        elif rated is not None:
+            defect_scores, defect_maps = rated.defect
         else:
             defect_scores, defect_maps = score_features(model, feats.proxy.defect_features)
         labels = np.r_[np.zeros(len(val_scores)), np.ones(len(defect_scores))]
@@ -561,8 +583,9 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
     proxy = feats.proxy
     selection = "proxy" if options.select == "proxy" and proxy is not None else "loss"
     patience = options.patience
-    if patience is None:
-        patience = PROXY_PATIENCE if selection == "proxy" else LOSS_PATIENCE
+    if patience is None:  # a backbone's head overrides may set the proxy's (registry)
+        proxy_patience = defaults.get("proxy_patience", PROXY_PATIENCE)
+        patience = proxy_patience if selection == "proxy" else LOSS_PATIENCE
     train_cfg = TrainConfig(
         epochs=options.epochs,
         patience=patience,
@@ -578,10 +601,14 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         max_minutes=options.max_minutes,
     )
     result, rated_epochs = None, []  # proxy figures of epoch 0, 1, ... when rated
+    best: list[tuple[int, ProxyRating]] = []  # the first highest rating, as train_head keeps
 
     def select() -> float:
-        rated_epochs.append(rate())
-        return rated_epochs[-1]["proxy"]
+        rating = rate()
+        rated_epochs.append(rating.figures)
+        if not best or rating.figures["proxy"] > best[0][1].figures["proxy"]:
+            best[:] = [(len(rated_epochs) - 1, rating)]
+        return rating.figures["proxy"]
 
     if head.trainable:
         use = None
@@ -589,10 +616,13 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
             rate, use = proxy.rater(model), select
         result = train_head(head, feats.train, feats.val, train_cfg, select=use)
     head.eval()
+    kept = None  # the kept model's rating: its scores and maps calibrate it too
     if rated_epochs:  # the best epoch's weights are back: its figures are the model's
         proxy_result = rated_epochs[result.best_epoch]
+        kept = best[0][1] if best[0][0] == result.best_epoch else None
     else:
-        proxy_result = proxy.figures(model) if proxy is not None else None
+        kept = proxy.rating(model) if proxy is not None else None
+        proxy_result = kept.figures if kept is not None else None
     oof = None
     if options.folds >= 2 and len(dataset.train) + len(dataset.val) >= 2:
         fold_cfg = None
@@ -602,7 +632,7 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
             )
         oof = fold_scores(search, cand, overrides, fold_cfg)
     normal = None if oof is None else oof.scores
-    calibration = calibrate(model, feats, options, normal, search.cache)
+    calibration = calibrate(model, feats, options, normal, search.cache, kept)
     calibration = replace(calibration, min_area=float(options.min_area))
     model.set_calibration(calibration)
     report = FitReport(
