@@ -556,7 +556,7 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
             f"--train-precision must be one of {', '.join(PRECISIONS)}, "
             f"got {options.train_precision!r}"
         )
-    head_class = HEADS.get(options.head)
+    head_class = HEADS.get(options.head)  # an unknown head is refused with its own message
     if options.train_precision == "bfloat16" and not getattr(head_class, "mixed_precision", True):
         raise VitqcError(
             f"--train-precision bfloat16: the {options.head} head does not train in bfloat16"
@@ -601,7 +601,9 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         max_minutes=options.max_minutes,
     )
     result, rated_epochs = None, []  # proxy figures of epoch 0, 1, ... when rated
-    best: list[tuple[int, ProxyRating]] = []  # the first highest rating, as train_head keeps
+    # the epoch and rating train_head will keep (the first highest); checked against its
+    # result before the rating's scores and maps stand in for the calibration's
+    best: list[tuple[int, ProxyRating]] = []
 
     def select() -> float:
         rating = rate()
