@@ -6,7 +6,9 @@ training-free ``gaussian`` head (PaDiM's per-position Gaussian through the same 
 The features are extracted once first (the cache), then each head is fitted with
 ``vitqc.pipeline.fit`` exactly as ``vitqc fit`` would (statistics choice, proxy epoch
 selection, calibration) and timed as a whole; the table gives the head time, the
-feature-read time and the ratio of the total to the gaussian head's total.
+feature-read time, the kept and run epochs with the precision the training steps ran in
+(``vitqc.training``: bfloat16 for the flow on CPUs that compute it natively) and the ratio
+of the total to the gaussian head's total.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_fit_time.py DATA [--heads ...]
 [--rounds 3]
@@ -60,13 +62,15 @@ def main() -> None:
                 total = time.perf_counter() - start
                 train = report.train
                 epochs = f"{train.best_epoch}/{train.epochs_run}" if train else "-"
+                if train:  # the precision the steps ran in (bfloat16 on CPUs with it)
+                    epochs += f" ({train.precision})"
                 runs[head].append((report.feature_seconds, report.head_seconds, total, epochs))
     print(
         f"{args.data.name}: {len(dataset.train)} train / {len(dataset.val)} val images, "
         f"{args.rounds} round(s), medians"
     )
     print(
-        "| head | features from cache (s) | head (s) | total (s) | best/run epochs "
+        "| head | features from cache (s) | head (s) | total (s) | best/run epochs (steps) "
         "| x gaussian (per round) |"
     )
     print("|---|---|---|---|---|---|")
