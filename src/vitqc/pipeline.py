@@ -39,12 +39,12 @@ from vitqc.heads import (
 from vitqc.heads.base import FeatureStandardizer, Head
 from vitqc.scoring import AnomalyModel, aggregate_maps
 from vitqc.training import (
-    PRECISIONS,
     TrainConfig,
     TrainResult,
     fixed_inputs,
     has_fixed_inputs,
     train_head,
+    training_precision,
 )
 
 
@@ -222,16 +222,18 @@ class ProxyValidation:
         self, model: AnomalyModel, image_scores: Sequence[str]
     ) -> dict[str, dict[str, float]]:
         """The figures of one model under several image scores: its maps (the costly
-        part) are computed once, each image score aggregates them as the model would."""
-        good_scores, good_maps = score_features(model, self.good_features)
-        defect_scores, defect_maps = score_features(model, self.defect_features)
+        part) are computed once (``rating``), each other image score aggregates them as
+        the model would."""
+        rated = self.rating(model)
+        (_, good_maps), (_, defect_maps) = rated.good, rated.defect
         own_score = type(model.head).score is not Head.score  # VT-ADL: map-independent
         out = {}
         for name in image_scores:
-            good, defect = good_scores, defect_scores
-            if name != model.image_score and not own_score:
-                good = aggregate_maps(torch.from_numpy(good_maps), name).numpy()
-                defect = aggregate_maps(torch.from_numpy(defect_maps), name).numpy()
+            if name == model.image_score or own_score:
+                out[name] = rated.figures
+                continue
+            good = aggregate_maps(torch.from_numpy(good_maps), name).numpy()
+            defect = aggregate_maps(torch.from_numpy(defect_maps), name).numpy()
             out[name] = proxy_figures(good, good_maps, defect, defect_maps, self.defects.masks)
         return out
 
@@ -551,16 +553,11 @@ def fit(dataset: Dataset, options: FitOptions) -> tuple[AnomalyModel, FitReport]
         raise VitqcError(f"--min-area must be 0 or more, got {options.min_area}")
     if options.steps_per_epoch is not None and options.steps_per_epoch < 1:
         raise VitqcError(f"--steps-per-epoch must be 1 or more, got {options.steps_per_epoch}")
-    if options.train_precision not in PRECISIONS:
-        raise VitqcError(
-            f"--train-precision must be one of {', '.join(PRECISIONS)}, "
-            f"got {options.train_precision!r}"
-        )
-    head_class = HEADS.get(options.head)  # an unknown head is refused with its own message
-    if options.train_precision == "bfloat16" and not getattr(head_class, "mixed_precision", True):
-        raise VitqcError(
-            f"--train-precision bfloat16: the {options.head} head does not train in bfloat16"
-        )
+    if options.head in HEADS:  # an unknown head is refused with its own message
+        try:
+            training_precision(HEADS[options.head], options.train_precision)
+        except ValueError as exc:
+            raise VitqcError(f"--train-precision {options.train_precision}: {exc}") from exc
     if options.folds < 0:
         raise VitqcError(f"--threshold-folds must be 0 or more, got {options.folds}")
     if options.target_fpr is not None and options.calibration == "fpr":
