@@ -46,7 +46,7 @@ from vitqc.data.io import load_image
 from vitqc.data.layouts import load_dataset
 from vitqc.data.synth import generate_synthetic
 from vitqc.data.transforms import resize_batch
-from vitqc.export import OPSET, export_onnx
+from vitqc.export import OPSET, export_onnx, static_same_padding
 from vitqc.heads import parse_head
 from vitqc.pipeline import FitOptions, fit
 from vitqc.runtime import fastest_micro_batch, run_in_chunks
@@ -77,12 +77,15 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def _export_backbone(model: AnomalyModel, path: Path) -> Path:
+    """The backbone alone, exported as ``vitqc.export`` exports it (same-padding
+    convolutions with constant pads)."""
     h, w = model.input_size
-    with warnings.catch_warnings():
+    backbone, example = _Backbone(model).eval(), torch.rand(2, 3, h, w)
+    with warnings.catch_warnings(), static_same_padding(backbone, example):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            _Backbone(model).eval(),
-            (torch.rand(2, 3, h, w),),
+            backbone,
+            (example,),
             str(path),
             dynamo=False,
             opset_version=OPSET,

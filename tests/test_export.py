@@ -15,6 +15,7 @@ import onnx
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from vitqc.bundle import load_bundle, save_bundle
 from vitqc.data.io import read_image
@@ -105,6 +106,56 @@ def test_onnx_runtime_matches_torch(exported, images):
     assert out["defective"].dtype == bool
     np.testing.assert_array_equal(out["defective"], scores.numpy() > threshold)
     assert out["map"].min() >= 0 and out["map"].max() <= 1
+
+
+def test_same_padding_exports_as_one_convolution(exported):
+    """EfficientNet-Lite's TF-style "same" padding: no ``Pad`` (nor the shape arithmetic
+    that computes it) in the graph; each stride-2 convolution carries its asymmetric
+    padding. The outputs equal torch's (``test_onnx_runtime_matches_torch``)."""
+    *_, onnx_path, _ = exported
+    nodes = onnx.load(str(onnx_path), load_external_data=False).graph.node
+    assert not [n.name for n in nodes if n.op_type == "Pad"]
+    pads = [
+        list(onnx.helper.get_attribute_value(a))
+        for n in nodes
+        if n.op_type == "Conv"
+        for a in n.attribute
+        if a.name == "pads"
+    ]
+    assert [0, 0, 1, 1] in pads  # 3 x 3, stride 2, even input: nothing before, 1 after
+
+
+def test_static_same_padding_matches_torch_and_restores_the_module(tmp_path):
+    """A ``Conv2dSame`` traced at a fixed size is one ``Conv`` with pads (odd and even
+    sizes, 3 x 3 and 5 x 5, strides 1 and 2), equal to torch's dynamic padding; the
+    module is as it was afterwards, also for another input size."""
+    import onnxruntime as ort
+    from timm.layers import Conv2dSame
+
+    from vitqc.export import static_same_padding
+
+    torch.manual_seed(0)
+    for kernel, stride, size in ((3, 2, 224), (5, 2, 57), (3, 1, 31), (5, 2, 28)):
+        conv = Conv2dSame(4, 6, kernel, stride=stride).eval()
+        net = nn.Sequential(conv)  # as in a backbone: the module is not the graph's root
+        x = torch.rand(2, 4, size, size + 3)
+        with torch.no_grad():
+            expected = conv(x)
+        path = tmp_path / f"conv{kernel}{stride}{size}.onnx"
+        with static_same_padding(net, x):
+            torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=17)
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        assert ops == ["Conv"], (kernel, stride, size, ops)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-4, atol=1e-5)
+        assert "forward" not in vars(conv)  # the class's own forward again
+        other = torch.rand(1, 4, size + 5, size + 1)
+        with torch.no_grad():
+            assert conv(other).shape[-2:] == (
+                -(-(size + 5) // stride),
+                -(-(size + 1) // stride),
+            )
 
 
 def test_batch_of_one_and_of_eight_agree(exported, images):

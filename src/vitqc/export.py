@@ -28,6 +28,14 @@ calibrated threshold, is refused with a one-line ``VitqcError``.
 The knn head's distances are matrix products over fixed blocks of its memory bank
 (``KNNHead.forward``), so the traced graph is valid for every batch size and never uses
 ``torch.cdist``.
+
+TensorFlow-style "same" padding (timm's ``Conv2dSame``: EfficientNet-Lite's stride-2
+convolutions) is dynamic in torch: the padding is computed from the input's size on every
+call and applied as a separate ``F.pad``. Traced as it is, each such convolution becomes
+``Shape`` arithmetic, a ``Pad`` and a ``Conv``, and the ``Pad`` splits ONNX Runtime's
+blocked-layout chain of convolutions (a layout conversion out and back in around it).
+The input size of an exported graph is fixed, so ``static_same_padding`` exports each of
+them as one ``Conv`` with the (asymmetric) padding as its ``pads`` attribute.
 """
 
 from __future__ import annotations
@@ -36,10 +44,15 @@ import hashlib
 import json
 import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from timm.layers import Conv2dSame
+from timm.layers.padding import pad_same_arg
 from torch import nn
 
 from vitqc import __version__
@@ -60,6 +73,7 @@ __all__ = [
     "bundle_id",
     "export_bundle",
     "export_onnx",
+    "static_same_padding",
 ]
 
 OPSET = 17
@@ -94,6 +108,66 @@ class ExportGraph(nn.Module):
         normalized = operator_score(scores, self.map_low, self.threshold)
         normalized_maps = operator_score(maps, self.map_low, self.threshold)
         return scores, normalized, normalized_maps, scores > self.threshold
+
+
+class _StaticSamePadConv(torch.autograd.Function):
+    """A convolution after zero padding of ``pads`` = (top, left, bottom, right): in
+    torch ``F.pad`` then ``F.conv2d``, in ONNX one ``Conv`` with those ``pads``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, dilation, groups, pads):  # noqa: ANN001
+        top, left, bottom, right = pads
+        x = F.pad(x, (left, right, top, bottom))
+        return F.conv2d(x, weight, bias, stride, 0, dilation, groups)
+
+    @staticmethod
+    def symbolic(g, x, weight, bias, stride, dilation, groups, pads):  # noqa: ANN001
+        inputs = [x, weight] if bias is None else [x, weight, bias]
+        return g.op(
+            "Conv",
+            *inputs,
+            pads_i=list(pads),
+            strides_i=list(stride),
+            dilations_i=list(dilation),
+            group_i=groups,
+        )
+
+
+@contextmanager
+def static_same_padding(module: nn.Module, example: torch.Tensor) -> Iterator[None]:
+    """Within the block, every timm ``Conv2dSame`` in ``module`` pads as it does for
+    ``example``'s size, with the padding a constant of the convolution (see the module
+    docstring): for tracing at a fixed input size. The modules are restored on exit."""
+    convs = [m for m in module.modules() if isinstance(m, Conv2dSame)]
+    if not convs:
+        yield
+        return
+    sizes: dict[nn.Module, tuple[int, int]] = {}
+    hooks = [
+        conv.register_forward_pre_hook(
+            lambda mod, args: sizes.__setitem__(mod, tuple(args[0].shape[-2:]))
+        )
+        for conv in convs
+    ]
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for conv in convs:
+        left, right, top, bottom = pad_same_arg(
+            list(sizes[conv]), conv.weight.shape[-2:], conv.stride, conv.dilation
+        )
+        pads = (top, left, bottom, right)
+        conv.forward = lambda x, c=conv, p=pads: _StaticSamePadConv.apply(
+            x, c.weight, c.bias, c.stride, c.dilation, c.groups, p
+        )
+    try:
+        yield
+    finally:
+        for conv in convs:
+            del conv.forward
 
 
 def refuse_unexportable(model: AnomalyModel) -> None:
@@ -217,7 +291,7 @@ def export_onnx(model: AnomalyModel, out: Path, meta: dict[str, Any]) -> Path:
         graph(example)  # fills inference caches (the GMM's mixture terms) before tracing
     with tempfile.TemporaryDirectory(prefix="vitqc-export-") as tmp:
         raw = Path(tmp) / "model.onnx"
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), static_same_padding(graph, example):
             warnings.simplefilter("ignore")  # tracer and deprecation chatter
             try:
                 torch.onnx.export(
