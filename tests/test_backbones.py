@@ -168,8 +168,8 @@ def test_package_extractor_matches_full_model(x224: torch.Tensor) -> None:
     full, _, _ = build_timm_model(LITE0, "package")
     with torch.no_grad():
         ref = full.eval().forward_intermediates(x224, indices=[2, 3], intermediates_only=True)
-    for got, want in zip(ext(x224), ref, strict=True):
-        assert torch.allclose(got, want, atol=1e-5)
+    for got, want in zip(ext(x224), ref, strict=True):  # BatchNorm folded: float rounding
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
 def test_cpu_batches_run_in_micro_batches_with_the_same_features() -> None:
@@ -181,14 +181,84 @@ def test_cpu_batches_run_in_micro_batches_with_the_same_features() -> None:
     assert ext.channels_last and not create_backbone(DEIT, weights="random").channels_last
     x = torch.rand(2 * MICRO_BATCH + 1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     whole = ext(x)
-    with torch.no_grad():
-        ref = ext.model.forward_intermediates(x, indices=list(ext.layers), **ext._fi_kwargs)
+    with torch.no_grad():  # the model it runs (BatchNorm folded), on the batch in one call
+        ref = ext.inference_model().forward_intermediates(
+            x, indices=list(ext.layers), **ext._fi_kwargs
+        )
     for got, want in zip(whole, ref, strict=True):
         assert got.is_contiguous() and got.shape[0] == x.shape[0]
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for i in (0, MICRO_BATCH, 2 * MICRO_BATCH):
         for got, alone in zip(whole, ext(x[i : i + 1]), strict=True):
             torch.testing.assert_close(got[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_eager_inference_folds_batch_norm_into_the_convolutions(x224: torch.Tensor) -> None:
+    """The features come from a copy with every conv -> BatchNorm folded (package
+    weights: real statistics), equal to the unfolded model's; the extractor's own state,
+    parameter count and module tree are untouched; a new state (load_state_dict) is
+    folded again; a transformer without BatchNorm runs as it is."""
+    from timm.layers import BatchNormAct2d
+
+    ext = create_backbone(LITE0)
+    state = {k: v.clone() for k, v in ext.state_dict().items()}
+    params = ext.num_parameters()
+    with torch.no_grad():
+        ref = ext.model.forward_intermediates(x224, indices=list(ext.layers), **ext._fi_kwargs)
+    for got, want in zip(ext(x224), ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    folded = ext.inference_model()
+    assert folded is not ext.model
+    assert not [m for m in folded.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert any(isinstance(m, BatchNormAct2d) for m in ext.model.modules())
+    assert ext.state_dict().keys() == state.keys() and ext.num_parameters() == params
+    assert not [n for n, _ in ext.named_modules() if "folded" in n]
+
+    other = create_backbone(LITE0, weights="random")
+    ext.load_state_dict(other.state_dict())
+    for got, want in zip(ext(x224), other(x224), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    deit = create_backbone(DEIT, weights="random")
+    deit(x224[:1])
+    assert deit.inference_model() is deit.model
+
+
+def test_batch_norm_is_not_folded_where_the_convolution_output_is_also_used_elsewhere() -> None:
+    """A conv whose output feeds its BatchNorm and a residual sum: folding would change
+    the sum, so the check against the original keeps the model as it is."""
+    from vitqc.backbones.folding import fold_batch_norms
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = torch.nn.BatchNorm2d(4)
+            self.tail = torch.nn.Conv2d(4, 4, 1)
+            self.tail_bn = torch.nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.tail_bn(self.tail(self.bn(y) + y))
+
+    torch.manual_seed(0)
+    block = Block().eval()
+    for bn in (block.bn, block.tail_bn):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.rand(2, 4, 8, 8)
+    model, n = fold_batch_norms(block, lambda m: [m(x)])
+    assert (model, n) == (block, 0)
+
+    class Chain(Block):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.tail_bn(self.tail(self.bn(self.conv(x))))
+
+    block = Chain().eval()
+    block.load_state_dict(model.state_dict())
+    model, n = fold_batch_norms(block, lambda m: [m(x)])
+    assert n == 2 and model is not block and isinstance(block.bn, torch.nn.BatchNorm2d)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), block(x), rtol=1e-5, atol=1e-5)
 
 
 def _perturbed_lite0() -> torch.nn.Module:
@@ -209,8 +279,8 @@ def test_weights_file_round_trip(tmp_path, suffix: str, x224: torch.Tensor) -> N
     assert ext.weights_source == str(path) and ext.weights_hash.startswith("sha256:")
     with torch.no_grad():
         ref = src.forward_intermediates(x224, indices=[2, 3], intermediates_only=True)
-    for got, want in zip(ext(x224), ref, strict=True):
-        assert torch.allclose(got, want, atol=1e-5)
+    for got, want in zip(ext(x224), ref, strict=True):  # BatchNorm folded: float rounding
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()))
 
 
 def test_weights_file_that_does_not_fit(tmp_path) -> None:

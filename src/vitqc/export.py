@@ -136,32 +136,35 @@ class _StaticSamePadConv(torch.autograd.Function):
 @contextmanager
 def static_same_padding(module: nn.Module, example: torch.Tensor) -> Iterator[None]:
     """Within the block, every timm ``Conv2dSame`` in ``module`` pads as it does for
-    ``example``'s size, with the padding a constant of the convolution (see the module
-    docstring): for tracing at a fixed input size. The modules are restored on exit."""
+    ``example``'s size, as one convolution with constant pads (see the module docstring):
+    for tracing at a fixed input size. The modules are restored on exit.
+
+    The sizes are read in a trace of their own: a trace runs what an export traces (a
+    ``FeatureExtractor`` traces its timm model, not its folded copy), and a size read in
+    the export's own trace would be one of its values, not a constant."""
     convs = [m for m in module.modules() if isinstance(m, Conv2dSame)]
     if not convs:
         yield
         return
-    sizes: dict[nn.Module, tuple[int, int]] = {}
-    hooks = [
-        conv.register_forward_pre_hook(
-            lambda mod, args: sizes.__setitem__(mod, tuple(args[0].shape[-2:]))
-        )
-        for conv in convs
-    ]
+    sizes: dict[nn.Module, list[int]] = {}
+
+    def record(conv: nn.Module, args: tuple) -> None:  # a pre-hook's return replaces args
+        sizes.setdefault(conv, [int(v) for v in args[0].shape[-2:]])
+
+    hooks = [conv.register_forward_pre_hook(record) for conv in convs]
     try:
-        with torch.no_grad():
-            module(example)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's notes on the int() above
+            torch.jit.trace(module, (example,), check_trace=False, strict=False)
     finally:
         for hook in hooks:
             hook.remove()
     for conv in convs:
         left, right, top, bottom = pad_same_arg(
-            list(sizes[conv]), conv.weight.shape[-2:], conv.stride, conv.dilation
+            sizes[conv], conv.weight.shape[-2:], conv.stride, conv.dilation
         )
-        pads = (top, left, bottom, right)
-        conv.forward = lambda x, c=conv, p=pads: _StaticSamePadConv.apply(
-            x, c.weight, c.bias, c.stride, c.dilation, c.groups, p
+        conv.forward = lambda x, c=conv, pads=(top, left, bottom, right): _StaticSamePadConv.apply(
+            x, c.weight, c.bias, c.stride, c.dilation, c.groups, pads
         )
     try:
         yield

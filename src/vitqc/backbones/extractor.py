@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vitqc.backbones.folding import fold_batch_norms
 from vitqc.errors import VitqcError
 
 
@@ -143,6 +144,36 @@ class FeatureExtractor(nn.Module):
             p.requires_grad_(False)
         super().train(False)
         self._shapes: list[tuple[int, int, int]] | None = None
+        #: ``self.model`` with its BatchNorms folded into the convolutions, what eager
+        #: inference runs (``inference_model``); held in a list so that it is no
+        #: submodule: the state dict, parameter counts and bundles stay the model's own.
+        self._folded: list[nn.Module] = []
+        self.register_load_state_dict_post_hook(lambda module, keys: module._folded.clear())
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: fold again when next run
+        self._folded.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _intermediates(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return model.forward_intermediates(x, indices=list(self.layers), **self._fi_kwargs)
+
+    def inference_model(self) -> nn.Module:
+        """The model eager inference runs: ``self.model`` with its BatchNorms folded into
+        the convolutions (``backbones.folding``), built on first use. A trace (the ONNX
+        export) takes ``self.model`` itself; ONNX Runtime folds them when it loads."""
+        if torch.jit.is_tracing():
+            return self.model
+        if not self._folded:
+            p = next(self.model.parameters(), None)
+            device = p.device if p is not None else torch.device("cpu")
+            x = torch.rand(1, 3, *self.input_size, generator=torch.Generator().manual_seed(0))
+            folded, _ = fold_batch_norms(
+                self.model, lambda model: self._intermediates(model, x.to(device))
+            )
+            self._folded.append(folded)
+        return self._folded[0]
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Stay in eval mode whatever the caller asks (frozen backbone)."""
@@ -152,15 +183,9 @@ class FeatureExtractor(nn.Module):
         """Features of ``x``; on the CPU a large batch runs ``MICRO_BATCH`` images at a
         time (a trace, i.e. the ONNX export, takes the batch whole)."""
         chunks = micro_batches(x)
+        model = self.inference_model()
         with torch.inference_mode():
-            parts = [
-                self.model.forward_intermediates(
-                    c.contiguous(memory_format=torch.channels_last) if self.channels_last else c,
-                    indices=list(self.layers),
-                    **self._fi_kwargs,
-                )
-                for c in chunks
-            ]
+            parts = [self._intermediates(model, c) for c in chunks]
             feats = [torch.cat(layer).float().contiguous() for layer in zip(*parts, strict=True)]
         # Inference tensors cannot be saved for backward; a trainable head (e.g. a
         # LayerNorm on the features) needs normal tensors, hence the clone outside.
@@ -210,6 +235,7 @@ class FeatureExtractor(nn.Module):
             k: d[k] for k in ("timm_name", "layers", "weights_hash", "input_size", "timm_version")
         }
         keyed["apply_norm"] = self.apply_norm
+        keyed["batch_norm"] = "folded"  # eager features fold BatchNorm (inference_model)
         return hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:16]
 
     def extra_repr(self) -> str:
