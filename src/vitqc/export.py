@@ -115,13 +115,13 @@ class _StaticSamePadConv(torch.autograd.Function):
     torch ``F.pad`` then ``F.conv2d``, in ONNX one ``Conv`` with those ``pads``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, dilation, groups, pads):  # noqa: ANN001
+    def forward(ctx, x, weight, bias, stride, dilation, groups, pads):
         top, left, bottom, right = pads
         x = F.pad(x, (left, right, top, bottom))
         return F.conv2d(x, weight, bias, stride, 0, dilation, groups)
 
     @staticmethod
-    def symbolic(g, x, weight, bias, stride, dilation, groups, pads):  # noqa: ANN001
+    def symbolic(g, x, weight, bias, stride, dilation, groups, pads):
         inputs = [x, weight] if bias is None else [x, weight, bias]
         return g.op(
             "Conv",
@@ -159,6 +159,7 @@ def static_same_padding(module: nn.Module, example: torch.Tensor) -> Iterator[No
     finally:
         for hook in hooks:
             hook.remove()
+    convs = [conv for conv in convs if conv in sizes]  # those the forward runs
     for conv in convs:
         left, right, top, bottom = pad_same_arg(
             sizes[conv], conv.weight.shape[-2:], conv.stride, conv.dilation
