@@ -114,7 +114,7 @@ def test_same_padding_exports_as_one_convolution(exported):
     padding. The outputs equal torch's (``test_onnx_runtime_matches_torch``)."""
     *_, onnx_path, _ = exported
     nodes = onnx.load(str(onnx_path), load_external_data=False).graph.node
-    assert not [n.name for n in nodes if n.op_type == "Pad"]
+    assert not [n.name for n in nodes if n.op_type in ("Pad", "Ceil")]  # Ceil: the arithmetic
     pads = [
         list(onnx.helper.get_attribute_value(a))
         for n in nodes
