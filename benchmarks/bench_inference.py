@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from vitqc.data.io import load_image
 from vitqc.data.layouts import load_dataset
 from vitqc.data.synth import generate_synthetic
 from vitqc.data.transforms import resize_batch
-from vitqc.export import OPSET, export_onnx, static_same_padding
+from vitqc.export import export_onnx, trace_to_onnx
 from vitqc.heads import parse_head
 from vitqc.pipeline import FitOptions, fit
 from vitqc.runtime import fastest_micro_batch, run_in_chunks
@@ -77,21 +76,8 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def _export_backbone(model: AnomalyModel, path: Path) -> Path:
-    """The backbone alone, exported as ``vitqc.export`` exports it (same-padding
-    convolutions with constant pads)."""
-    h, w = model.input_size
-    backbone, example = _Backbone(model).eval(), torch.rand(2, 3, h, w)
-    with warnings.catch_warnings(), static_same_padding(backbone, example):
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            backbone,
-            (example,),
-            str(path),
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=["image"],
-            dynamic_axes={"image": {0: "N"}},
-        )
+    """The backbone alone, traced as ``vitqc.export`` traces a model."""
+    trace_to_onnx(_Backbone(model).eval(), torch.rand(2, 3, *model.input_size), path)
     return path
 
 

@@ -74,6 +74,7 @@ __all__ = [
     "export_bundle",
     "export_onnx",
     "static_same_padding",
+    "trace_to_onnx",
 ]
 
 OPSET = 17
@@ -277,6 +278,31 @@ def export_metadata(model: AnomalyModel, meta: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def trace_to_onnx(
+    module: nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    output_names: list[str] | None = None,
+) -> None:
+    """Trace ``module`` on ``example`` (input ``image``, batch dynamic, the rest fixed)
+    into the ONNX file ``path``, as every vitqc export is traced: TorchScript exporter,
+    opset ``OPSET``, same-padding convolutions with constant pads."""
+    names = output_names or []
+    with warnings.catch_warnings(), static_same_padding(module, example):
+        warnings.simplefilter("ignore")  # tracer and deprecation chatter
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["image"],
+            output_names=names or None,
+            dynamic_axes={"image": {0: "N"}, **{name: {0: "N"} for name in names}},
+            do_constant_folding=True,
+        )
+
+
 def export_onnx(model: AnomalyModel, out: Path, meta: dict[str, Any]) -> Path:
     """Write ``out`` (atomically): the model as one ONNX file with its metadata.
 
@@ -295,26 +321,14 @@ def export_onnx(model: AnomalyModel, out: Path, meta: dict[str, Any]) -> Path:
         graph(example)  # fills inference caches (the GMM's mixture terms) before tracing
     with tempfile.TemporaryDirectory(prefix="vitqc-export-") as tmp:
         raw = Path(tmp) / "model.onnx"
-        with warnings.catch_warnings(), static_same_padding(graph, example):
-            warnings.simplefilter("ignore")  # tracer and deprecation chatter
-            try:
-                torch.onnx.export(
-                    graph,
-                    (example,),
-                    str(raw),
-                    dynamo=False,
-                    opset_version=OPSET,
-                    input_names=["image"],
-                    output_names=list(OUTPUTS),
-                    dynamic_axes={"image": {0: "N"}, **{name: {0: "N"} for name in OUTPUTS}},
-                    do_constant_folding=True,
-                )
-            except Exception as exc:  # the exporter's errors are long; one line here
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                raise VitqcError(
-                    f"cannot export the {info['head']['name']!r} head to ONNX: "
-                    f"{type(exc).__name__}: {first[:200]}"
-                ) from exc
+        try:
+            trace_to_onnx(graph, example, raw, output_names=list(OUTPUTS))
+        except Exception as exc:  # the exporter's errors are long; one line here
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise VitqcError(
+                f"cannot export the {info['head']['name']!r} head to ONNX: "
+                f"{type(exc).__name__}: {first[:200]}"
+            ) from exc
         proto = onnx.load(str(raw))
     del proto.metadata_props[:]
     entry = proto.metadata_props.add()
