@@ -7,6 +7,7 @@ import math
 import sqlite3
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -203,6 +204,33 @@ def test_schema_version_and_reopen(tmp_path):
     conn.close()
     with pytest.raises(VitqcError, match="newer"):
         open_store(db)
+
+
+def test_a_store_created_by_another_process_meanwhile_is_opened(tmp_path, monkeypatch):
+    """Two processes opening one new database: the second may read "no schema yet" just
+    before the first commits it; it re-checks under the write lock and opens it (before,
+    it called the other's fresh tables a foreign database)."""
+    db = tmp_path / "r.sqlite"
+    connect = sqlite3.connect
+
+    class RacedConnection(sqlite3.Connection):
+        raced = False
+
+        def execute(self, sql, *args):
+            if sql != "PRAGMA user_version" or RacedConnection.raced:
+                return super().execute(sql, *args)
+            rows = super().execute(sql, *args).fetchall()  # read (and its lock) done
+            RacedConnection.raced = True  # the other process commits its schema now
+            monkeypatch.setattr(sqlite3, "connect", connect)
+            open_store(db).close()
+            return SimpleNamespace(fetchone=lambda: rows[0])
+
+    monkeypatch.setattr(
+        sqlite3, "connect", lambda *a, **k: connect(*a, factory=RacedConnection, **k)
+    )
+    with open_store(db) as store:
+        assert RacedConnection.raced
+        assert store.counts() == {"ok": 0, "error": 0}
 
 
 def test_refuses_foreign_files(tmp_path):

@@ -376,15 +376,21 @@ def open_store(path: str | Path = DEFAULT_DB, create: bool = True) -> ResultsSto
                 f"({SCHEMA_VERSION}): upgrade vitqc"
             )
         if version == 0:
-            has_tables = conn.execute(
-                "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'"
-            ).fetchone()[0]
-            if has_tables:
-                raise VitqcError(f"{path} is an SQLite file but not a vitqc results database")
-            if not create:
-                raise VitqcError(f"{path} is not a vitqc results database")
+            # under the write lock: another process may have created the schema since
+            # the version was read (it commits tables and version together)
             conn.execute("BEGIN IMMEDIATE")
             try:
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                has_tables = conn.execute(
+                    "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'"
+                ).fetchone()[0]
+                if version:  # created meanwhile
+                    conn.execute("COMMIT")
+                    return ResultsStore(path, conn)
+                if has_tables:
+                    raise VitqcError(f"{path} is an SQLite file but not a vitqc results database")
+                if not create:
+                    raise VitqcError(f"{path} is not a vitqc results database")
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
