@@ -618,15 +618,15 @@ def test_position_whitening_is_the_per_position_product_and_leaves_its_input_alo
 def test_one_image_takes_the_kernel_timed_fastest_once_per_shape(monkeypatch):
     """The first single image of a shape times every kernel (3 alternating rounds) and
     keeps the fastest for that shape; later images of that shape only run it, and both
-    kernels give the batched product."""
+    kernels give the batched product, with or without a bias."""
     calls = {name: 0 for name in base.SINGLE_IMAGE_KERNELS}
 
     def counted(name):
         kernel = base.SINGLE_IMAGE_KERNELS[name]
 
-        def run(matrices, x):
+        def run(matrices, x, bias=None):
             calls[name] += 1
-            return kernel(matrices, x)
+            return kernel(matrices, x, bias)
 
         return run
 
@@ -636,14 +636,42 @@ def test_one_image_takes_the_kernel_timed_fastest_once_per_shape(monkeypatch):
     monkeypatch.setattr(base, "_fastest_kernel", {})
     g = torch.Generator().manual_seed(6)
     matrices, x = torch.randn(7, 5, 5, generator=g), torch.randn(7, 1, 5, generator=g)
+    bias = torch.randn(7, 1, 5, generator=g)
     expected = torch.bmm(x, matrices.transpose(1, 2))
     torch.testing.assert_close(base.single_image_products(matrices, x), expected)
     chosen = base._fastest_kernel[(7, 5, 5)]
     assert calls == {name: 3 + (name == chosen) for name in calls}
-    torch.testing.assert_close(base.single_image_products(matrices, x), expected)
+    torch.testing.assert_close(base.single_image_products(matrices, x, bias), expected + bias)
     assert calls == {name: 3 + 2 * (name == chosen) for name in calls}
     for kernel in base.SINGLE_IMAGE_KERNELS.values():
         torch.testing.assert_close(kernel(matrices, x), expected)
+        torch.testing.assert_close(kernel(matrices, x, bias), expected + bias)
+
+
+def test_folded_whitening_follows_refits_loads_and_dtype_changes():
+    """The whitening runs with its standardization folded in (a copy beside the buffers,
+    not in the state dict); refitting, loading other statistics or changing dtype drops
+    the copy, so the output is always the current statistics'."""
+    g = torch.Generator().manual_seed(8)
+    first, second = (torch.randn(25, 4, 3, 3, generator=g) * 3 + 1 for _ in range(2))
+    standardizer = FeatureStandardizer([4], [(3, 3)], "position-whiten")
+    standardizer.fit([first])
+    probe = [torch.randn(2, 4, 3, 3, generator=g)]
+    before = standardizer(probe)[0]
+    assert set(standardizer.state_dict()) == {"mean_0", "std_0", "whitening_0"}
+    reference = FeatureStandardizer([4], [(3, 3)], "position-whiten")
+    reference.fit([second])
+    expected = reference(probe)[0]
+    assert not torch.allclose(before, expected)
+    standardizer.fit([second])
+    torch.testing.assert_close(standardizer(probe)[0], expected)
+    standardizer.fit([first])
+    standardizer(probe)
+    standardizer.load_state_dict(reference.state_dict())
+    torch.testing.assert_close(standardizer(probe)[0], expected)
+    doubled = standardizer.double()([probe[0].double()])
+    assert doubled[0].dtype == torch.float64
+    torch.testing.assert_close(doubled[0], expected.double(), rtol=1e-5, atol=1e-5)
 
 
 def test_position_whitening_of_one_image_keeps_its_gradient():

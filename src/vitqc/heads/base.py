@@ -193,6 +193,35 @@ class FeatureStandardizer(nn.Module):
                 n_positions = sizes[i][0] * sizes[i][1]
                 self.register_buffer(f"whitening_{i}", torch.eye(c).repeat(n_positions, 1, 1))
         self.n_layers = len(channels)
+        self._folded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._drop_folded())
+
+    def _drop_folded(self) -> None:
+        self._folded = None
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: drop the stale copy
+        self._drop_folded()
+        return super()._apply(fn, *args, **kwargs)
+
+    def folded_whitening(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``i``'s per-position whitening with its standardization folded in:
+        ``(matrices [P, C, C], bias [P, 1, C])`` with ``W (x - m) / s == x @ matrices[p]^T
+        + bias[p]`` at every position, so a call makes one pass of products over its input
+        instead of two elementwise passes before it. Built on first use and kept beside
+        the buffers, which stay what the bundle holds (a second copy of the whitening in
+        memory: 72 MB for EfficientNet-Lite0's fused map)."""
+        if self._folded is None:
+            folded = []
+            with torch.no_grad():
+                for j in range(self.n_layers):
+                    whitening = getattr(self, f"whitening_{j}")
+                    p, c, _ = whitening.shape
+                    mean = getattr(self, f"mean_{j}").view(c, p).T.unsqueeze(1)  # [P, 1, C]
+                    std = getattr(self, f"std_{j}").view(c, p).T.unsqueeze(1)
+                    bias = torch.bmm(mean / std, whitening.transpose(1, 2)).neg_()
+                    folded.append((whitening / std, bias))  # W diag(1 / s), -W (m / s)
+            self._folded = folded
+        return self._folded[i]
 
     def _inputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.fuse:
@@ -204,6 +233,7 @@ class FeatureStandardizer(nn.Module):
 
     @torch.no_grad()
     def fit(self, features: list[torch.Tensor]) -> None:
+        self._drop_folded()
         for i, f in enumerate(self._inputs(features)):
             if self.mode == "position-whiten":
                 self._fit_position_whitening(i, f)
@@ -281,17 +311,16 @@ class FeatureStandardizer(nn.Module):
         ]
 
     def _whiten_positions(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Layer ``i``'s ``[P, B, C]`` input (overwritten) standardized and whitened per
-        position: ``[B, C, h, w]``, a view whose channels are contiguous (the layout the
-        flow's channels-last convolutions and the GMM's patch rows read)."""
+        """Layer ``i``'s ``[P, B, C]`` input standardized and whitened per position (one
+        product with the folded matrices, ``folded_whitening``): ``[B, C, h, w]``, a view
+        whose channels are contiguous (the layout the flow's channels-last convolutions
+        and the GMM's patch rows read)."""
         p, b, c = x.shape
-        mean, std = getattr(self, f"mean_{i}"), getattr(self, f"std_{i}")
-        x.sub_(mean.view(c, p).T.unsqueeze(1)).div_(std.view(c, p).T.unsqueeze(1))
-        whitening = getattr(self, f"whitening_{i}")
+        matrices, bias = self.folded_whitening(i)
         if b == 1 and not (torch.jit.is_tracing() or x.requires_grad):  # out= has no grad
-            z = single_image_products(whitening, x)
+            z = single_image_products(matrices, x, bias)
         else:
-            z = per_position_products(whitening, x)  # [P, B, C]
+            z = per_position_products(matrices, x, bias)  # [P, B, C]
         return z.permute(1, 2, 0).reshape(b, c, *self.out_sizes[i])
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -312,16 +341,23 @@ class FeatureStandardizer(nn.Module):
         return out
 
 
-def per_position_products(matrices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``x [P, B, C] @ matrices[p]^T``: one matrix product per position, the stored
-    ``[P, C, C]`` used in place as the transposed right-hand side (BLAS reads it so;
-    einsum copied it on every call), channels contiguous in the result."""
-    return torch.bmm(x, matrices.transpose(1, 2))
+def per_position_products(
+    matrices: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x [P, B, C] @ matrices[p]^T (+ bias [P, 1, C])``: one matrix product per
+    position, the stored ``[P, C, C]`` used in place as the transposed right-hand side
+    (BLAS reads it so; einsum copied it on every call), channels contiguous in the
+    result."""
+    if bias is None:
+        return torch.bmm(x, matrices.transpose(1, 2))
+    return torch.baddbmm(bias, x, matrices.transpose(1, 2))
 
 
-def _products_by_blocks(matrices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``x [P, 1, C] @ matrices[p]^T`` as products and row sums over blocks of positions,
-    one reused buffer of ``_BLOCK_VALUES`` values."""
+def _products_by_blocks(
+    matrices: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x [P, 1, C] @ matrices[p]^T (+ bias)`` as products and row sums over blocks of
+    positions, one reused buffer of ``_BLOCK_VALUES`` values."""
     p, c, _ = matrices.shape
     step = max(1, _BLOCK_VALUES // (c * c))
     out = x.new_empty(p, 1, c)
@@ -331,10 +367,12 @@ def _products_by_blocks(matrices: torch.Tensor, x: torch.Tensor) -> torch.Tensor
         n = block.shape[0]
         torch.mul(block, x[start : start + n], out=products[:n])
         torch.sum(products[:n], 2, out=out[start : start + n, 0])
-    return out
+    return out if bias is None else out.add_(bias)
 
 
-SINGLE_IMAGE_KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+SINGLE_IMAGE_KERNELS: dict[
+    str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+] = {
     "rows": per_position_products,
     "blocks": _products_by_blocks,
 }
@@ -342,10 +380,12 @@ SINGLE_IMAGE_KERNELS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Ten
 _fastest_kernel: dict[tuple[int, ...], str] = {}
 
 
-def single_image_products(matrices: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """One image's per-position products ``x [P, 1, C] @ matrices[p]^T``, by whichever
-    kernel of ``SINGLE_IMAGE_KERNELS`` ran faster on this machine for these shapes,
-    timed on the first call (best of 3, alternating).
+def single_image_products(
+    matrices: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One image's per-position products ``x [P, 1, C] @ matrices[p]^T (+ bias)``, by
+    whichever kernel of ``SINGLE_IMAGE_KERNELS`` ran faster on this machine for these
+    shapes, timed on the first call (best of 3, alternating).
 
     The product only has to stream the matrices once, but how fast a kernel does so
     depends on the CPU and its BLAS: ``bmm`` with one row per position ran near memory
@@ -359,10 +399,10 @@ def single_image_products(matrices: torch.Tensor, x: torch.Tensor) -> torch.Tens
         for _ in range(3):
             for kernel_name, kernel in SINGLE_IMAGE_KERNELS.items():
                 start = time.perf_counter()
-                kernel(matrices, x)
+                kernel(matrices, x, bias)
                 best[kernel_name] = min(best[kernel_name], time.perf_counter() - start)
         name = _fastest_kernel[key] = min(best, key=best.__getitem__)
-    return SINGLE_IMAGE_KERNELS[name](matrices, x)
+    return SINGLE_IMAGE_KERNELS[name](matrices, x, bias)
 
 
 def fuse_maps(maps: list[torch.Tensor]) -> torch.Tensor:
