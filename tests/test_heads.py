@@ -618,13 +618,13 @@ def test_position_whitening_is_the_per_position_product_and_leaves_its_input_alo
 def test_one_image_takes_the_kernel_timed_fastest_once_per_shape(monkeypatch):
     """The first single image of a shape times every kernel (3 alternating rounds) and
     keeps the fastest for that shape; later images of that shape only run it, and both
-    kernels give the batched product, with or without a bias."""
+    kernels give the batched product plus the bias."""
     calls = {name: 0 for name in base.SINGLE_IMAGE_KERNELS}
 
     def counted(name):
         kernel = base.SINGLE_IMAGE_KERNELS[name]
 
-        def run(matrices, x, bias=None):
+        def run(matrices, x, bias):
             calls[name] += 1
             return kernel(matrices, x, bias)
 
@@ -637,15 +637,14 @@ def test_one_image_takes_the_kernel_timed_fastest_once_per_shape(monkeypatch):
     g = torch.Generator().manual_seed(6)
     matrices, x = torch.randn(7, 5, 5, generator=g), torch.randn(7, 1, 5, generator=g)
     bias = torch.randn(7, 1, 5, generator=g)
-    expected = torch.bmm(x, matrices.transpose(1, 2))
-    torch.testing.assert_close(base.single_image_products(matrices, x), expected)
+    expected = torch.bmm(x, matrices.transpose(1, 2)) + bias
+    torch.testing.assert_close(base.single_image_products(matrices, x, bias), expected)
     chosen = base._fastest_kernel[(7, 5, 5)]
     assert calls == {name: 3 + (name == chosen) for name in calls}
-    torch.testing.assert_close(base.single_image_products(matrices, x, bias), expected + bias)
+    torch.testing.assert_close(base.single_image_products(matrices, x, bias), expected)
     assert calls == {name: 3 + 2 * (name == chosen) for name in calls}
     for kernel in base.SINGLE_IMAGE_KERNELS.values():
-        torch.testing.assert_close(kernel(matrices, x), expected)
-        torch.testing.assert_close(kernel(matrices, x, bias), expected + bias)
+        torch.testing.assert_close(kernel(matrices, x, bias), expected)
 
 
 def test_folded_whitening_follows_refits_loads_and_dtype_changes():
@@ -672,6 +671,11 @@ def test_folded_whitening_follows_refits_loads_and_dtype_changes():
     doubled = standardizer.double()([probe[0].double()])
     assert doubled[0].dtype == torch.float64
     torch.testing.assert_close(doubled[0], expected.double(), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # a copy made in inference mode still serves autograd
+        standardizer.float()([probe[0]])
+    x = probe[0][:1].clone().requires_grad_()
+    standardizer([x])[0].sum().backward()
+    assert x.grad is not None
 
 
 def test_position_whitening_of_one_image_keeps_its_gradient():

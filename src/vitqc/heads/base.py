@@ -209,10 +209,11 @@ class FeatureStandardizer(nn.Module):
         + bias[p]`` at every position, so a call makes one pass of products over its input
         instead of two elementwise passes before it. Built on first use and kept beside
         the buffers, which stay what the bundle holds (a second copy of the whitening in
-        memory: 72 MB for EfficientNet-Lite0's fused map)."""
+        memory: 72 MB for EfficientNet-Lite0's fused map); made outside inference mode,
+        so it serves calls in any mode."""
         if self._folded is None:
             folded = []
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():
                 for j in range(self.n_layers):
                     whitening = getattr(self, f"whitening_{j}")
                     p, c, _ = whitening.shape
@@ -342,21 +343,19 @@ class FeatureStandardizer(nn.Module):
 
 
 def per_position_products(
-    matrices: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+    matrices: torch.Tensor, x: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
-    """``x [P, B, C] @ matrices[p]^T (+ bias [P, 1, C])``: one matrix product per
+    """``x [P, B, C] @ matrices[p]^T + bias [P, 1, C]``: one matrix product per
     position, the stored ``[P, C, C]`` used in place as the transposed right-hand side
     (BLAS reads it so; einsum copied it on every call), channels contiguous in the
     result."""
-    if bias is None:
-        return torch.bmm(x, matrices.transpose(1, 2))
     return torch.baddbmm(bias, x, matrices.transpose(1, 2))
 
 
 def _products_by_blocks(
-    matrices: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+    matrices: torch.Tensor, x: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
-    """``x [P, 1, C] @ matrices[p]^T (+ bias)`` as products and row sums over blocks of
+    """``x [P, 1, C] @ matrices[p]^T + bias`` as products and row sums over blocks of
     positions, one reused buffer of ``_BLOCK_VALUES`` values."""
     p, c, _ = matrices.shape
     step = max(1, _BLOCK_VALUES // (c * c))
@@ -367,11 +366,11 @@ def _products_by_blocks(
         n = block.shape[0]
         torch.mul(block, x[start : start + n], out=products[:n])
         torch.sum(products[:n], 2, out=out[start : start + n, 0])
-    return out if bias is None else out.add_(bias)
+    return out.add_(bias)
 
 
 SINGLE_IMAGE_KERNELS: dict[
-    str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+    str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 ] = {
     "rows": per_position_products,
     "blocks": _products_by_blocks,
@@ -381,9 +380,9 @@ _fastest_kernel: dict[tuple[int, ...], str] = {}
 
 
 def single_image_products(
-    matrices: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None = None
+    matrices: torch.Tensor, x: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
-    """One image's per-position products ``x [P, 1, C] @ matrices[p]^T (+ bias)``, by
+    """One image's per-position products ``x [P, 1, C] @ matrices[p]^T + bias``, by
     whichever kernel of ``SINGLE_IMAGE_KERNELS`` ran faster on this machine for these
     shapes, timed on the first call (best of 3, alternating).
 
