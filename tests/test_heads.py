@@ -12,6 +12,7 @@ from scipy.special import logsumexp
 from scipy.stats import norm
 from sklearn.covariance import ledoit_wolf
 
+from vitqc.cpu import native_bfloat16
 from vitqc.errors import VitqcError
 from vitqc.heads import PAPER_DEFAULTS, base, create_head, fuse_maps, head_defaults, knn
 from vitqc.heads.base import FeatureStandardizer, concat_at_finest
@@ -27,7 +28,6 @@ from vitqc.heads.knn import greedy_coreset
 from vitqc.training import (
     TrainConfig,
     evaluate_loss,
-    native_bfloat16,
     train_head,
     training_precision,
 )

@@ -27,7 +27,9 @@ holds a constant kernel). A head outside ``EXPORTABLE_HEADS``, or a model withou
 calibrated threshold, is refused with a one-line ``VitqcError``.
 The knn head's distances are matrix products over fixed blocks of its memory bank
 (``KNNHead.forward``), so the traced graph is valid for every batch size and never uses
-``torch.cdist``.
+``torch.cdist``. The graph searches exactly whatever the head's ``search``: where torch
+runs the default bfloat16 candidates, a near tie may give torch a slightly larger
+distance than the graph (a few per mille).
 
 TensorFlow-style "same" padding (timm's ``Conv2dSame``: EfficientNet-Lite's stride-2
 convolutions) is dynamic in torch: the padding is computed from the input's size on every

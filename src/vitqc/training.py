@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from vitqc.cpu import native_bfloat16
 from vitqc.heads.base import Head
 
 
@@ -70,13 +71,6 @@ class TrainResult:
     initial_rating: float | None = None
     #: the precision the training steps ran in ("float32" or "bfloat16")
     precision: str = "float32"
-
-
-def native_bfloat16() -> bool:
-    """Whether this CPU computes bfloat16 products in hardware (AMX or AVX512-BF16),
-    where oneDNN's bfloat16 convolutions run faster than float32 ones."""
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
 
 
 def training_precision(head: nn.Module, precision: str) -> str:

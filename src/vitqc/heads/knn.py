@@ -29,9 +29,12 @@ from vitqc.heads.base import FeatureStandardizer, Head, concat_at_finest
 from vitqc.heads.neighbours import (
     SEARCHES,
     SearchParams,
+    bfloat16_min_sq_distances,
+    bfloat16_search_bank,
     build_index,
     exact_min_sq_distances,
     index_min_sq_distances,
+    resolve_search,
 )
 
 #: Values per block of the coreset's distance update (``[points, picks]``, 1 MB): a
@@ -125,7 +128,7 @@ class KNNHead(Head):
         fuse: bool = False,
         seed: int = 0,
         bank_size: int = 0,
-        search: str = "exact",
+        search: str = "auto",
         ef_search: int = SearchParams.ef_search,
         nprobe: int = SearchParams.nprobe,
     ) -> None:
@@ -200,6 +203,15 @@ class KNNHead(Head):
 
         return self._from_bank("search_bank", build)
 
+    def bfloat16_rows(self) -> torch.Tensor:
+        """The bank as the bfloat16 search takes it (``bfloat16_search_bank``)."""
+
+        def build() -> torch.Tensor:
+            with torch.inference_mode(False), torch.no_grad():  # reused in any mode
+                return bfloat16_search_bank(*self.search_bank())
+
+        return self._from_bank("bfloat16_rows", build)
+
     def index(self) -> object:
         """The faiss index over the bank."""
         return self._from_bank(
@@ -212,7 +224,9 @@ class KNNHead(Head):
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Distance of each patch to its nearest bank entry. The exact search (and any
         export, which traces it: ``vitqc.export``) takes matrix products over fixed
-        blocks of the bank; the faiss modes search their index on the CPU."""
+        blocks of the bank; the bfloat16 one (the default where the CPU computes it
+        natively) measures each block's bfloat16 candidate in float32; the faiss modes
+        search their index on the CPU."""
         emb = self._embeddings(features)
         d, h, w = emb.shape[1], emb.shape[2], emb.shape[3]
         queries = emb.permute(0, 2, 3, 1).reshape(-1, d)
@@ -220,9 +234,12 @@ class KNNHead(Head):
             raise VitqcError("the knn head has an empty memory bank: prepare() it first")
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             d2 = exact_min_sq_distances(queries, self.bank.float())  # the graph holds float16
-        elif self.search == "exact":
+        elif (search := resolve_search(self.search)) == "exact":
             bank, bank_sq = self.search_bank()
             d2 = exact_min_sq_distances(queries, bank, bank_sq=bank_sq)
+        elif search == "bfloat16":
+            bank, bank_sq = self.search_bank()
+            d2 = bfloat16_min_sq_distances(queries.float(), bank, bank_sq, self.bfloat16_rows())
         else:
             found = index_min_sq_distances(
                 self.index(), queries.detach().float().cpu().numpy(), torch.get_num_threads()
