@@ -477,6 +477,24 @@ def test_gmm_inference_cache_never_goes_stale(data):
     assert not torch.allclose(after, changed)
 
 
+@pytest.mark.parametrize("fuse", [True, False])
+def test_gmm_scores_whitened_rows_as_handed_over(data, fuse):
+    """At inference on per-position whitened features the GMM takes the whitening's
+    position-major rows as they are: the same scores, to the bit, as its maps from the
+    ``[B, C, h, w]`` inputs training rates (one image, several; fused or per layer)."""
+    head = GMMHead(CHANNELS, SIZES, n_components=3, standardize="position-whiten", fuse=fuse)
+    head.prepare(data["train"])
+    head.eval()
+    for n in (1, 10):
+        features = [f[:n] for f in data["bad"]]
+        with torch.no_grad():
+            rows = head.standardize.whitened_rows(features)
+            expected = head.input_maps(head.fixed_inputs(features))
+            got = head(features)
+        assert [r.shape[:2] for r in rows] == [(h * w, n) for h, w in head.standardize.out_sizes]
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("conditioning", ["position", "shared"])
 @pytest.mark.parametrize("offset", [0.0, 100.0])
 def test_gmm_inference_mixture_in_float32_matches_float64(offset, conditioning):

@@ -311,18 +311,26 @@ class FeatureStandardizer(nn.Module):
             for parts in layers
         ]
 
-    def _whiten_positions(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Layer ``i``'s ``[P, B, C]`` input standardized and whitened per position (one
-        product with the folded matrices, ``folded_whitening``): ``[B, C, h, w]``, a view
-        whose channels are contiguous (the layout the flow's channels-last convolutions
-        and the GMM's patch rows read)."""
-        p, b, c = x.shape
+    def _whiten_rows(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``'s ``[P, B, C]`` input standardized and whitened per position, in
+        the same layout: one product with the folded matrices (``folded_whitening``)."""
         matrices, bias = self.folded_whitening(i)
-        if b == 1 and not (torch.jit.is_tracing() or x.requires_grad):  # out= has no grad
-            z = single_image_products(matrices, x, bias)
-        else:
-            z = per_position_products(matrices, x, bias)  # [P, B, C]
-        return z.permute(1, 2, 0).reshape(b, c, *self.out_sizes[i])
+        if x.shape[1] == 1 and not (torch.jit.is_tracing() or x.requires_grad):  # out=: no grad
+            return single_image_products(matrices, x, bias)
+        return per_position_products(matrices, x, bias)
+
+    def whitened_rows(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``position-whiten`` only: each output layer as the products leave it,
+        ``[P, B, C]`` (``forward`` returns ``[B, C, h, w]`` views of these). A head that
+        reads patch rows position-major takes them so; in an exported graph every
+        change of layout is a copy."""
+        return [self._whiten_rows(i, x) for i, x in enumerate(self._position_major(features))]
+
+    def _whiten_positions(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """``_whiten_rows`` as ``[B, C, h, w]``, a view whose channels are contiguous
+        (the layout the flow's channels-last convolutions read)."""
+        p, b, c = x.shape
+        return self._whiten_rows(i, x).permute(1, 2, 0).reshape(b, c, *self.out_sizes[i])
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.mode == "position-whiten":

@@ -171,12 +171,16 @@ class MixtureDensity(nn.Module):
             # the components' centre (see _inference_terms), so float32 suffices: a
             # call reads all of it, and an image's score depends on its batch only by
             # rounding.
-            if self._inference_terms is None:
-                with torch.no_grad():
-                    params = self.parameters_for(self.position)
-                    self._inference_terms = _inference_terms(*params)
-            return _inference_nll(x, *self._inference_terms)
+            return self.position_major_nll(x.transpose(0, 1))
         return _shared_mixture_nll_from_terms(x, *terms)
+
+    def position_major_nll(self, rows: torch.Tensor) -> torch.Tensor:
+        """Inference NLL of patch rows laid out position-major: ``[P, B, D] -> [B, P]``
+        (not for the ``"embedding"`` conditioning)."""
+        if self._inference_terms is None:
+            with torch.no_grad():
+                self._inference_terms = _inference_terms(*self.parameters_for(self.position))
+        return _inference_nll(rows, *self._inference_terms)
 
     def train(self, mode: bool = True) -> MixtureDensity:
         if mode:  # weights may change from here on; eval() alone keeps the cache
@@ -239,22 +243,21 @@ def _inference_terms(
 
 
 def _inference_nll(
-    x: torch.Tensor,
+    rows: torch.Tensor,
     weights: torch.Tensor,
     mean_sq: torch.Tensor,
     log_norm: torch.Tensor,
     centre: torch.Tensor,
 ) -> torch.Tensor:
-    """``_shared_mixture_nll_from_terms`` for ``x [B, P, D]`` with the terms of
-    ``_inference_terms`` (per position, ``P`` of them, or shared, one).
+    """``_shared_mixture_nll_from_terms`` for patch rows ``[P, B, D]`` with the terms of
+    ``_inference_terms`` (per position, ``P`` of them, or shared, one): ``[B, P]``.
 
-    Computed position-major, ``[P, B, ...]``: the per-position products take that
-    layout, and the per-position whitening hands ``x`` over as a view of it, so the
-    elementwise ops read contiguous rows (on its ``[B, P, D]`` order they ran at a
-    fraction of memory speed). ``[y^2, y]`` is never concatenated: at batch 32 the copy
-    took as long as the mixture's product."""
-    b, p, d = x.shape
-    y = x.transpose(0, 1) - centre.unsqueeze(1)
+    Computed position-major: the per-position products take that layout, and the
+    per-position whitening produces it, so the elementwise ops read contiguous rows (on
+    a ``[B, P, D]`` order they ran at a fraction of memory speed). ``[y^2, y]`` is never
+    concatenated: at batch 32 the copy took as long as the mixture's product."""
+    p, b, d = rows.shape
+    y = rows - centre.unsqueeze(1)
     # [y^2, y] @ weights as two products summed in the second (no concatenated copy)
     if weights.shape[0] == 1:  # one mixture for every position
         rows = y.reshape(p * b, d)
@@ -345,6 +348,28 @@ class GMMHead(Head):
 
     def fixed_inputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         return self.standardize(features)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """``input_maps(fixed_inputs(features))``; at inference on per-position whitened
+        features, with the patch rows handed over position-major, as the whitening
+        leaves them (the same values; an exported graph then holds no transposing
+        copies between the two)."""
+        if (
+            self.training
+            or self.standardization != "position-whiten"
+            or self.conditioning == "embedding"
+        ):
+            return super().forward(features)
+        maps = [
+            mixture.position_major_nll(rows).reshape(-1, *size)
+            for mixture, rows, size in zip(
+                self.mixtures,
+                self.standardize.whitened_rows(features),
+                self.standardize.out_sizes,
+                strict=True,
+            )
+        ]
+        return fuse_maps(self._per_dimension(maps))
 
     def _nll_maps(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         maps = []

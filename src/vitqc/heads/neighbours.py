@@ -81,8 +81,8 @@ def _block_min_sq_distances(
 #: is the nearest entry of its nearest group (a minimum over every group, then over one).
 GROUP = 64
 #: Width of the bfloat16 search's products: the bank's ``D`` values, its squared norm and
-#: zeros up to a multiple of this (the matrix units' tile width; 153 values ran 20 %
-#: slower than 160).
+#: zeros up to a multiple of this (the matrix units' tile width; a block's product with
+#: 153 values took 0.59 ms, with 160 0.55).
 _TILE = 32
 
 
@@ -130,9 +130,9 @@ def bfloat16_min_sq_distances(
 
 def _nearest_in_block(d: torch.Tensor) -> torch.Tensor:
     """Row of the smallest value in each column of ``d [m, n]``: the smallest of its
-    smallest group of ``GROUP`` rows (the group minimums reduce over the middle
-    dimension, contiguous across queries; one ``argmin`` over all ``m`` rows ran 3x
-    slower)."""
+    smallest group of ``GROUP`` rows. The group minimums reduce over the middle
+    dimension, contiguous across queries: with one ``argmin`` over each block's rows the
+    search took 172 ms per image on a bank of magnetic_tile's size (47.7k x 152), against 49."""
     m, n = d.shape
     group = min(GROUP, m)
     groups = -(-m // group)
