@@ -326,16 +326,12 @@ class FeatureStandardizer(nn.Module):
         change of layout is a copy."""
         return [self._whiten_rows(i, x) for i, x in enumerate(self._position_major(features))]
 
-    def _whiten_positions(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """``_whiten_rows`` as ``[B, C, h, w]``, a view whose channels are contiguous
-        (the layout the flow's channels-last convolutions read)."""
-        p, b, c = x.shape
-        return self._whiten_rows(i, x).permute(1, 2, 0).reshape(b, c, *self.out_sizes[i])
-
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.mode == "position-whiten":
+        if self.mode == "position-whiten":  # [B, C, h, w] views with contiguous channels,
+            # the layout the flow's channels-last convolutions read
             return [
-                self._whiten_positions(i, x) for i, x in enumerate(self._position_major(features))
+                rows.permute(1, 2, 0).reshape(rows.shape[1], rows.shape[2], *size)
+                for rows, size in zip(self.whitened_rows(features), self.out_sizes, strict=True)
             ]
         out = []
         for i, f in enumerate(self._inputs(features)):

@@ -243,21 +243,21 @@ def _inference_terms(
 
 
 def _inference_nll(
-    rows: torch.Tensor,
+    x: torch.Tensor,
     weights: torch.Tensor,
     mean_sq: torch.Tensor,
     log_norm: torch.Tensor,
     centre: torch.Tensor,
 ) -> torch.Tensor:
-    """``_shared_mixture_nll_from_terms`` for patch rows ``[P, B, D]`` with the terms of
+    """``_shared_mixture_nll_from_terms`` for patch rows ``x [P, B, D]`` with the terms of
     ``_inference_terms`` (per position, ``P`` of them, or shared, one): ``[B, P]``.
 
     Computed position-major: the per-position products take that layout, and the
     per-position whitening produces it, so the elementwise ops read contiguous rows (on
     a ``[B, P, D]`` order they ran at a fraction of memory speed). ``[y^2, y]`` is never
     concatenated: at batch 32 the copy took as long as the mixture's product."""
-    p, b, d = rows.shape
-    y = rows - centre.unsqueeze(1)
+    p, b, d = x.shape
+    y = x - centre.unsqueeze(1)
     # [y^2, y] @ weights as two products summed in the second (no concatenated copy)
     if weights.shape[0] == 1:  # one mixture for every position
         rows = y.reshape(p * b, d)
