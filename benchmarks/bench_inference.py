@@ -47,6 +47,7 @@ from vitqc.data.synth import generate_synthetic
 from vitqc.data.transforms import resize_batch
 from vitqc.export import export_onnx, trace_to_onnx
 from vitqc.heads import parse_head
+from vitqc.heads.neighbours import resolve_search
 from vitqc.pipeline import FitOptions, fit
 from vitqc.runtime import fastest_micro_batch, run_in_chunks
 from vitqc.scoring import AnomalyModel
@@ -197,7 +198,8 @@ def main() -> None:
                 for runtime in RUNTIMES:
                     name_bb = f"{model.extractor.name} (backbone) {runtime}"
                     print(_row(name_bb, ms[f"{runtime} backbone"], None))
-            counted = "" if getattr(model.head, "search", "exact") == "exact" else " (faiss: n/a)"
+            search = resolve_search(getattr(model.head, "search", "exact"))
+            counted = " (faiss: n/a)" if search.startswith("faiss") else ""
             print(f"  {head}: head FLOPs {share:.1%} of the backbone's{counted}")
             for runtime in RUNTIMES:
                 full, bb = rounds[runtime], rounds[f"{runtime} backbone"]
