@@ -112,6 +112,27 @@ def _moments(
     return mean.squeeze(axis), sq / denom, None if cov is None else cov / denom
 
 
+class DerivedValues:
+    """Values derived from tensors (a module's buffers), made when first asked for and
+    again whenever a source tensor changes: replaced (``prepare``, ``.to()``) or written
+    in place (``fit``, ``load_state_dict``). Never stored with the module. A tensor made
+    in inference mode has no version counter; it is keyed by identity alone (outside
+    inference mode nothing can write to it)."""
+
+    def __init__(self) -> None:
+        self._made: dict[str, tuple[tuple[tuple[int, int, int], ...], Any]] = {}
+
+    def get(self, name: str, sources: list[torch.Tensor], build: Callable[[], Any]) -> Any:
+        key = tuple((id(t), -1 if t.is_inference() else t._version, t.data_ptr()) for t in sources)
+        made = self._made.get(name)
+        if made is None or made[0] != key:
+            made = self._made[name] = (key, build())
+        return made[1]
+
+    def drop(self, name: str) -> None:
+        self._made.pop(name, None)
+
+
 class FeatureStandardizer(nn.Module):
     """Feature normalization fitted on the training split, kept as buffers.
 
@@ -193,36 +214,28 @@ class FeatureStandardizer(nn.Module):
                 n_positions = sizes[i][0] * sizes[i][1]
                 self.register_buffer(f"whitening_{i}", torch.eye(c).repeat(n_positions, 1, 1))
         self.n_layers = len(channels)
-        self._folded: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._drop_folded())
-
-    def _drop_folded(self) -> None:
-        self._folded = None
-
-    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: drop the stale copy
-        self._drop_folded()
-        return super()._apply(fn, *args, **kwargs)
+        self._derived = DerivedValues()
 
     def folded_whitening(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``i``'s per-position whitening with its standardization folded in:
         ``(matrices [P, C, C], bias [P, 1, C])`` with ``W (x - m) / s == x @ matrices[p]^T
         + bias[p]`` at every position, so a call makes one pass of products over its input
-        instead of two elementwise passes before it. Built on first use and kept beside
-        the buffers, which stay what the bundle holds (a second copy of the whitening in
-        memory: 72 MB for EfficientNet-Lite0's fused map); made outside inference mode,
-        so it serves calls in any mode."""
-        if self._folded is None:
-            folded = []
+        instead of two elementwise passes before it. Made on first use and again when the
+        statistics change, beside the buffers, which stay what the bundle holds (a second
+        copy of the whitening in memory: 72 MB for EfficientNet-Lite0's fused map);
+        made outside inference mode, so it serves calls in any mode."""
+        names = (f"whitening_{i}", f"mean_{i}", f"std_{i}")
+        whitening, mean, std = (getattr(self, name) for name in names)
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            p, c, _ = whitening.shape
             with torch.inference_mode(False), torch.no_grad():
-                for j in range(self.n_layers):
-                    whitening = getattr(self, f"whitening_{j}")
-                    p, c, _ = whitening.shape
-                    mean = getattr(self, f"mean_{j}").view(c, p).T.unsqueeze(1)  # [P, 1, C]
-                    std = getattr(self, f"std_{j}").view(c, p).T.unsqueeze(1)
-                    bias = torch.bmm(mean / std, whitening.transpose(1, 2)).neg_()
-                    folded.append((whitening / std, bias))  # W diag(1 / s), -W (m / s)
-            self._folded = folded
-        return self._folded[i]
+                m = mean.view(c, p).T.unsqueeze(1)  # [P, 1, C]
+                s = std.view(c, p).T.unsqueeze(1)
+                bias = torch.bmm(m / s, whitening.transpose(1, 2)).neg_()
+                return whitening / s, bias  # W diag(1 / s), -W (m / s)
+
+        return self._derived.get(f"folded_{i}", [whitening, mean, std], build)
 
     def _inputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.fuse:
@@ -234,7 +247,6 @@ class FeatureStandardizer(nn.Module):
 
     @torch.no_grad()
     def fit(self, features: list[torch.Tensor]) -> None:
-        self._drop_folded()
         for i, f in enumerate(self._inputs(features)):
             if self.mode == "position-whiten":
                 self._fit_position_whitening(i, f)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from vitqc.errors import VitqcError
-from vitqc.heads.base import FeatureStandardizer, Head, concat_at_finest
+from vitqc.heads.base import DerivedValues, FeatureStandardizer, Head, concat_at_finest
 from vitqc.heads.neighbours import (
     SEARCHES,
     SearchParams,
@@ -137,9 +137,9 @@ class KNNHead(Head):
             raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
         self.search = search
         self.search_params = SearchParams(ef_search=ef_search, nprobe=nprobe, seed=seed)
-        #: what is derived from the bank (the faiss index, the float32 search bank), by
-        #: name, with the bank's key when it was made (``_from_bank``)
-        self._derived: dict[str, tuple[tuple[int, int, int], Any]] = {}
+        #: what is derived from the bank (the faiss index, the float32 and bfloat16
+        #: search banks), rebuilt when the bank changes (``_from_bank``)
+        self._derived = DerivedValues()
         self.standardization, self.fuse = standardize, fuse
         self.standardize = (
             FeatureStandardizer(
@@ -180,16 +180,12 @@ class KNNHead(Head):
             raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
         self.search = search
         self.search_params = replace(self.search_params, **params)
-        self._derived.pop("index", None)
+        self._derived.drop("index")
 
     def _from_bank(self, name: str, build: Callable[[], Any]) -> Any:
         """``build()``, made when first needed and again whenever the bank changes
         (``prepare``, ``load_state_dict``, in place); never stored."""
-        key = (id(self.bank), self.bank._version, self.bank.data_ptr())
-        made = self._derived.get(name)
-        if made is None or made[0] != key:
-            made = self._derived[name] = (key, build())
-        return made[1]
+        return self._derived.get(name, [self.bank], build)
 
     def search_bank(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The bank in float32 and its rows' squared norms, for the eager exact search
@@ -239,7 +235,7 @@ class KNNHead(Head):
             d2 = exact_min_sq_distances(queries, bank, bank_sq=bank_sq)
         elif search == "bfloat16":
             bank, bank_sq = self.search_bank()
-            d2 = bfloat16_min_sq_distances(queries.float(), bank, bank_sq, self.bfloat16_rows())
+            d2 = bfloat16_min_sq_distances(queries, bank, bank_sq, self.bfloat16_rows())
         else:
             found = index_min_sq_distances(
                 self.index(), queries.detach().float().cpu().numpy(), torch.get_num_threads()

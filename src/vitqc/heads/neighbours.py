@@ -198,14 +198,8 @@ def index_min_sq_distances(index: Any, queries: np.ndarray, threads: int) -> np.
     return distances[:, 0]
 
 
-def recall_at_1(index: Any, queries: np.ndarray, bank: np.ndarray) -> float:
-    """Fraction of queries whose nearest bank entry the index finds (exact distance ties
-    count as found)."""
-    found = index_min_sq_distances(index, queries, torch.get_num_threads())
-    return recall_of(found, queries, bank)
-
-
 def recall_of(found: np.ndarray, queries: np.ndarray, bank: np.ndarray) -> float:
-    """Fraction of ``found`` squared distances that are the nearest entry's (ties count)."""
+    """Recall@1: the fraction of ``found`` squared distances (one per query, from any
+    search) that are the nearest bank entry's (exact distance ties count as found)."""
     exact = exact_min_sq_distances(torch.from_numpy(queries), torch.from_numpy(bank)).numpy()
     return float(np.mean(found <= exact * (1 + 1e-4) + 1e-6))
