@@ -47,7 +47,7 @@ from vitqc.data.synth import generate_synthetic
 from vitqc.data.transforms import resize_batch
 from vitqc.export import export_onnx, trace_to_onnx
 from vitqc.heads import parse_head
-from vitqc.heads.neighbours import resolve_search
+from vitqc.heads.neighbours import export_search, resolve_search
 from vitqc.pipeline import FitOptions, fit
 from vitqc.runtime import fastest_micro_batch, run_in_chunks
 from vitqc.scoring import AnomalyModel
@@ -198,17 +198,23 @@ def main() -> None:
                 for runtime in RUNTIMES:
                     name_bb = f"{model.extractor.name} (backbone) {runtime}"
                     print(_row(name_bb, ms[f"{runtime} backbone"], None))
-            search = resolve_search(getattr(model.head, "search", "exact"))
+            mode = getattr(model.head, "search", None)
+            search = resolve_search(mode or "exact")
             counted = " (faiss: n/a)" if search.startswith("faiss") else ""
             print(f"  {head}: head FLOPs {share:.1%} of the backbone's{counted}")
             for runtime in RUNTIMES:
+                if mode is not None:  # the knn's search in each runtime
+                    runtime_search = export_search(mode) if runtime == "onnxrt" else search
+                    label = f"  + {head} ({runtime_search} search) {runtime}"
+                else:
+                    label = f"  + {head} {runtime}"
                 full, bb = rounds[runtime], rounds[f"{runtime} backbone"]
                 ratios = tuple(
                     statistics.median(f[b] / g[b] for f, g in zip(full, bb, strict=True))
                     for b in BATCHES
                 )
                 goal = _goal(name, ratios, share)
-                print(_row(f"  + {head} {runtime}", ms[runtime], ratios, goal))
+                print(_row(label, ms[runtime], ratios, goal))
 
 
 if __name__ == "__main__":

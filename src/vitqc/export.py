@@ -27,9 +27,10 @@ holds a constant kernel). A head outside ``EXPORTABLE_HEADS``, or a model withou
 calibrated threshold, is refused with a one-line ``VitqcError``.
 The knn head's distances are matrix products over fixed blocks of its memory bank
 (``KNNHead.forward``), so the traced graph is valid for every batch size and never uses
-``torch.cdist``. The graph searches exactly whatever the head's ``search``: where torch
-runs the default bfloat16 candidates, a near tie may give torch a slightly larger
-distance than the graph (a few per mille).
+``torch.cdist``. The graph holds the int8 candidate search of a head searching by
+``auto`` (the default) or ``int8``, and the exact search otherwise
+(``heads.neighbours.export_search``): where torch runs the default bfloat16 candidates,
+a near tie may give torch or the graph a slightly larger distance (a few per mille).
 
 TensorFlow-style "same" padding (timm's ``Conv2dSame``: EfficientNet-Lite's stride-2
 convolutions) is dynamic in torch: the padding is computed from the input's size on every
@@ -321,6 +322,7 @@ def export_onnx(model: AnomalyModel, out: Path, meta: dict[str, Any]) -> Path:
     example = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         graph(example)  # fills inference caches (the GMM's mixture terms) before tracing
+        model.head.prepare_export()
     with tempfile.TemporaryDirectory(prefix="vitqc-export-") as tmp:
         raw = Path(tmp) / "model.onnx"
         try:

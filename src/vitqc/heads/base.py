@@ -451,6 +451,11 @@ class Head(nn.Module):
         ``fitted``: a standardizer already fitted on these features, reused when it is
         the kind this head uses (``FeatureStandardizer.fit_or_copy``)."""
 
+    def prepare_export(self) -> None:
+        """Build what a trace of ``forward`` reads beside the head's own tensors (values
+        derived from them), so the graph holds them as constants instead of the steps
+        that derive them (``vitqc.export``)."""
+
     def fixed_inputs(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         """The features through the part of the head training leaves unchanged (its
         fitted standardization): what ``input_loss`` takes, so the training loop

@@ -28,12 +28,16 @@ from vitqc.errors import VitqcError
 from vitqc.heads.base import DerivedValues, FeatureStandardizer, Head, concat_at_finest
 from vitqc.heads.neighbours import (
     SEARCHES,
+    Int8Bank,
     SearchParams,
     bfloat16_min_sq_distances,
     bfloat16_search_bank,
     build_index,
     exact_min_sq_distances,
+    export_search,
     index_min_sq_distances,
+    int8_min_sq_distances,
+    int8_search_bank,
     resolve_search,
 )
 
@@ -208,6 +212,18 @@ class KNNHead(Head):
 
         return self._from_bank("bfloat16_rows", build)
 
+    def int8_bank(self) -> Int8Bank:
+        """The bank as the int8 search takes it (``int8_search_bank``)."""
+
+        def build() -> Int8Bank:
+            with torch.inference_mode(False), torch.no_grad():  # reused in any mode
+                return int8_search_bank(*self.search_bank())
+
+        return self._from_bank("int8_bank", build)
+
+    def prepare_export(self) -> None:
+        self.int8_bank()  # a constant of the graph, not traced from the bank
+
     def index(self) -> object:
         """The faiss index over the bank."""
         return self._from_bank(
@@ -221,21 +237,27 @@ class KNNHead(Head):
         """Distance of each patch to its nearest bank entry. The exact search (and any
         export, which traces it: ``vitqc.export``) takes matrix products over fixed
         blocks of the bank; the bfloat16 one (the default where the CPU computes it
-        natively) measures each block's bfloat16 candidate in float32; the faiss modes
-        search their index on the CPU."""
+        natively) measures each block's bfloat16 candidate in float32, the int8 one
+        (what an export of the default search holds: ``export_search``) its int8
+        candidate; the faiss modes search their index on the CPU."""
         emb = self._embeddings(features)
         d, h, w = emb.shape[1], emb.shape[2], emb.shape[3]
         queries = emb.permute(0, 2, 3, 1).reshape(-1, d)
         if self.bank.shape[0] == 0:
             raise VitqcError("the knn head has an empty memory bank: prepare() it first")
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            d2 = exact_min_sq_distances(queries, self.bank.float())  # the graph holds float16
-        elif (search := resolve_search(self.search)) == "exact":
+        tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+        search = export_search(self.search) if tracing else resolve_search(self.search)
+        if tracing:  # these fold into float32 constants of the graph
+            bank = self.bank.float()
+            bank_sq = bank.pow(2).sum(1)
+        elif search in ("exact", "bfloat16", "int8"):
             bank, bank_sq = self.search_bank()
+        if search == "exact":
             d2 = exact_min_sq_distances(queries, bank, bank_sq=bank_sq)
         elif search == "bfloat16":
-            bank, bank_sq = self.search_bank()
             d2 = bfloat16_min_sq_distances(queries, bank, bank_sq, self.bfloat16_rows())
+        elif search == "int8":
+            d2 = int8_min_sq_distances(queries, bank, bank_sq, self.int8_bank())
         else:
             found = index_min_sq_distances(
                 self.index(), queries.detach().float().cpu().numpy(), torch.get_num_threads()
