@@ -321,16 +321,29 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 
 
 @pytest.mark.parametrize("exported", ["knn"], indirect=True)
-def test_knn_graph_searches_with_int8_products(exported):
+def test_knn_graph_searches_with_int8_products(exported, tmp_path):
     """The default search exports as int8 candidates: one integer product and one
     ``ArgMax`` per bank block, the queries quantized once; no float product over the
-    bank (the float32 work left is measuring each block's candidate again)."""
+    bank (the float32 work left is measuring each block's candidate again). A head set
+    to the exact search exports that."""
     head, model, _, onnx_path, _ = exported
-    ops = [n.op_type for n in onnx.load(str(onnx_path), load_external_data=False).graph.node]
+
+    def ops(path: Path) -> list[str]:
+        return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+    default = ops(onnx_path)
     blocks = len(model.head.int8_bank().blocks)
-    assert ops.count("MatMulInteger") == ops.count("ArgMax") == blocks
-    assert ops.count("QuantizeLinear") == 1
-    assert "Gemm" not in ops
+    assert default.count("MatMulInteger") == default.count("ArgMax") == blocks
+    assert default.count("QuantizeLinear") == 1
+    assert "Gemm" not in default
+    search = model.head.search
+    model.head.set_search("exact")
+    try:
+        exact = ops(export_onnx(model, tmp_path / "exact.onnx", {}))
+    finally:
+        model.head.set_search(search)
+    assert "MatMulInteger" not in exact and "QuantizeLinear" not in exact
+    assert exact.count("Gemm") == blocks
 
 
 @pytest.mark.parametrize("exported", ["knn"], indirect=True)  # one head is enough here

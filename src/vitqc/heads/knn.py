@@ -222,7 +222,8 @@ class KNNHead(Head):
         return self._from_bank("int8_bank", build)
 
     def prepare_export(self) -> None:
-        self.int8_bank()  # a constant of the graph, not traced from the bank
+        if export_search(self.search) == "int8":
+            self.int8_bank()  # a constant of the graph, not traced from the bank
 
     def index(self) -> object:
         """The faiss index over the bank."""
@@ -234,12 +235,12 @@ class KNNHead(Head):
         )
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """Distance of each patch to its nearest bank entry. The exact search (and any
-        export, which traces it: ``vitqc.export``) takes matrix products over fixed
-        blocks of the bank; the bfloat16 one (the default where the CPU computes it
-        natively) measures each block's bfloat16 candidate in float32, the int8 one
-        (what an export of the default search holds: ``export_search``) its int8
-        candidate; the faiss modes search their index on the CPU."""
+        """Distance of each patch to its nearest bank entry. The exact search takes
+        matrix products over fixed blocks of the bank; the bfloat16 one (the default
+        where the CPU computes it natively) measures each block's bfloat16 candidate in
+        float32, the int8 one its int8 candidate; the faiss modes search their index on
+        the CPU. An export (``vitqc.export``) traces the int8 or the exact search, as
+        ``export_search`` says."""
         emb = self._embeddings(features)
         d, h, w = emb.shape[1], emb.shape[2], emb.shape[3]
         queries = emb.permute(0, 2, 3, 1).reshape(-1, d)
