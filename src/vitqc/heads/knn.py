@@ -188,42 +188,39 @@ class KNNHead(Head):
 
     def _from_bank(self, name: str, build: Callable[[], Any]) -> Any:
         """``build()``, made when first needed and again whenever the bank changes
-        (``prepare``, ``load_state_dict``, in place); never stored."""
-        return self._derived.get(name, [self.bank], build)
+        (``prepare``, ``load_state_dict``, in place); never stored. Made outside
+        inference mode and without gradients, so it serves calls in any mode."""
+
+        def made() -> Any:
+            with torch.inference_mode(False), torch.no_grad():
+                return build()
+
+        return self._derived.get(name, [self.bank], made)
 
     def search_bank(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The bank in float32 and its rows' squared norms, for the eager exact search
-        (per call they cost about 4 % of a magnetic_tile search at batch 1)."""
+        """The bank in float32 and its rows' squared norms, for the exact and candidate
+        searches (per call they cost about 4 % of a magnetic_tile search at batch 1)."""
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
-            # outside inference mode: kept and reused in any mode
-            with torch.inference_mode(False), torch.no_grad():
-                bank = self.bank.detach().float()
-                return bank, bank.pow(2).sum(1)
+            bank = self.bank.detach().float()
+            return bank, bank.pow(2).sum(1)
 
         return self._from_bank("search_bank", build)
 
     def bfloat16_rows(self) -> torch.Tensor:
         """The bank as the bfloat16 search takes it (``bfloat16_search_bank``)."""
-
-        def build() -> torch.Tensor:
-            with torch.inference_mode(False), torch.no_grad():  # reused in any mode
-                return bfloat16_search_bank(*self.search_bank())
-
-        return self._from_bank("bfloat16_rows", build)
+        return self._from_bank("bfloat16_rows", lambda: bfloat16_search_bank(*self.search_bank()))
 
     def int8_bank(self) -> Int8Bank:
         """The bank as the int8 search takes it (``int8_search_bank``)."""
-
-        def build() -> Int8Bank:
-            with torch.inference_mode(False), torch.no_grad():  # reused in any mode
-                return int8_search_bank(*self.search_bank())
-
-        return self._from_bank("int8_bank", build)
+        return self._from_bank("int8_bank", lambda: int8_search_bank(*self.search_bank()))
 
     def prepare_export(self) -> None:
+        # constants of the graph, not steps traced from the bank
         if export_search(self.search) == "int8":
-            self.int8_bank()  # a constant of the graph, not traced from the bank
+            self.int8_bank()
+        else:
+            self.search_bank()
 
     def index(self) -> object:
         """The faiss index over the bank."""
@@ -248,10 +245,7 @@ class KNNHead(Head):
             raise VitqcError("the knn head has an empty memory bank: prepare() it first")
         tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         search = export_search(self.search) if tracing else resolve_search(self.search)
-        if tracing:  # these fold into float32 constants of the graph
-            bank = self.bank.float()
-            bank_sq = bank.pow(2).sum(1)
-        elif search in ("exact", "bfloat16", "int8"):
+        if search in ("exact", "bfloat16", "int8"):
             bank, bank_sq = self.search_bank()
         if search == "exact":
             d2 = exact_min_sq_distances(queries, bank, bank_sq=bank_sq)

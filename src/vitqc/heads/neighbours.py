@@ -16,6 +16,7 @@ a bundle holds only the bank.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,11 +70,20 @@ def exact_min_sq_distances(
     trace (the ONNX export) takes every query at once, whatever the batch size."""
     if bank_sq is None:
         bank_sq = bank.pow(2).sum(1)
-    if queries.shape[0] <= query_block or torch.jit.is_tracing():
-        return _block_min_sq_distances(queries, bank, bank_sq, block)
-    return torch.cat(
-        [_block_min_sq_distances(q, bank, bank_sq, block) for q in queries.split(query_block)]
+    return _by_query_block(
+        queries, query_block, lambda q: _block_min_sq_distances(q, bank, bank_sq, block)
     )
+
+
+def _by_query_block(
+    queries: torch.Tensor, query_block: int, search: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``search(queries)``, ``query_block`` queries at a time in eager calls, so each
+    block's distances stay in cache; a trace takes every query at once, so the graph
+    holds for any batch size."""
+    if queries.shape[0] <= query_block or torch.jit.is_tracing():
+        return search(queries)
+    return torch.cat([search(q) for q in queries.split(query_block)])
 
 
 def _block_min_sq_distances(
@@ -120,8 +130,8 @@ def bfloat16_min_sq_distances(
     """``exact_min_sq_distances`` from candidates: per block of the bank, the entry
     nearest each query by a bfloat16 product (``search_rows``, from
     ``bfloat16_search_bank``), then the float32 distance to every block's candidate."""
-    out = []
-    for q in queries.split(query_block):
+
+    def search(q: torch.Tensor) -> torch.Tensor:
         n, d = q.shape
         augmented = q.new_zeros(search_rows.shape[1], n)
         augmented[:d] = q.T
@@ -134,8 +144,9 @@ def bfloat16_min_sq_distances(
             ],
             1,
         )  # [n, blocks]
-        out.append(_nearest_candidate(q, bank, bank_sq, candidates))
-    return torch.cat(out)
+        return _nearest_candidate(q, bank, bank_sq, candidates)
+
+    return _by_query_block(queries, query_block, search)
 
 
 def _nearest_candidate(
@@ -259,20 +270,17 @@ def int8_min_sq_distances(
     nearest each query by the int8 products (``int8_search_bank``), then the float32
     distance to every block's candidate. Traceable: the ONNX graph holds the same
     integer products."""
-    if queries.shape[0] > query_block and not torch.jit.is_tracing():
-        return torch.cat(
-            [
-                int8_min_sq_distances(q, bank, bank_sq, int8_bank, query_block)
-                for q in queries.split(query_block)
-            ]
-        )
-    columns = int8_bank.query_columns.expand(queries.shape[0], -1)
-    quantized = _QuantizeQueries.apply(torch.cat([queries, columns], 1), int8_bank.scale)
-    found, start = [], 0
-    for rows in int8_bank.blocks:
-        found.append(start + _BlockArgmax.apply(quantized, rows))
-        start += rows.shape[1]
-    return _nearest_candidate(queries, bank, bank_sq, torch.stack(found, 1))
+
+    def search(q: torch.Tensor) -> torch.Tensor:
+        columns = int8_bank.query_columns.expand(q.shape[0], -1)
+        quantized = _QuantizeQueries.apply(torch.cat([q, columns], 1), int8_bank.scale)
+        found, start = [], 0
+        for rows in int8_bank.blocks:
+            found.append(start + _BlockArgmax.apply(quantized, rows))
+            start += rows.shape[1]
+        return _nearest_candidate(q, bank, bank_sq, torch.stack(found, 1))
+
+    return _by_query_block(queries, query_block, search)
 
 
 @dataclass(frozen=True)
