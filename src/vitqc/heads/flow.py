@@ -43,13 +43,41 @@ def _subnet(kernel_size: int, hidden_channels: int):
     return build
 
 
+class FoldedAllInOneBlock(AllInOneBlock):
+    """FrEIA's ``AllInOneBlock``, its forward pass with fewer passes over the activations:
+    the global affine ``x * s + o`` folded into the hard permutation's 1x1 convolution
+    (weights ``W diag(s)``, bias ``W o``: one convolution instead of a product, a sum and
+    the convolution) and the coupling's ``x * exp(j) + t`` as one ``addcmul``. The same
+    parameters (a bundle's state dict loads either way), the same outputs and gradients
+    to float rounding; the inverse and the GIN variant are FrEIA's own."""
+
+    def _permute(self, x: torch.Tensor, rev: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if rev or self.GIN:
+            return super()._permute(x, rev)
+        scale = self.global_scale_activation(self.global_scale)  # [1, C, 1...]
+        weight = self.w_perm * scale.reshape(1, -1, *([1] * self.input_rank))
+        bias = self.w_perm.flatten(1) @ self.global_offset.flatten()
+        return self.permute_function(x, weight, bias), torch.sum(torch.log(scale))
+
+    def _affine(
+        self, x: torch.Tensor, a: torch.Tensor, rev: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if rev or self.GIN:
+            return super()._affine(x, a, rev)
+        a *= 0.1  # FrEIA's scaling of the coupling coefficients
+        ch = x.shape[1]
+        log_scale = self.clamp * torch.tanh(a[:, :ch])
+        out = torch.addcmul(a[:, ch:], x, torch.exp(log_scale))
+        return out, torch.sum(log_scale, dim=self.sum_dims)
+
+
 def build_flow(
     channels: int, size: tuple[int, int], steps: int, hidden_channels: int, clamp: float
 ) -> SequenceINN:
     flow = SequenceINN(channels, *size)
     for i in range(steps):
         flow.append(
-            AllInOneBlock,
+            FoldedAllInOneBlock,
             subnet_constructor=_subnet(3 if i % 2 == 0 else 1, hidden_channels),
             affine_clamping=clamp,
             permute_soft=False,
