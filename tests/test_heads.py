@@ -921,3 +921,16 @@ def test_folded_flow_block_matches_freias_block_forward_gradients_and_inverse(ra
     with torch.no_grad():  # the inverse (FrEIA's own) undoes the folded forward
         (back,), _ = folded([z2.detach()], rev=True)
     torch.testing.assert_close(back, x, rtol=1e-4, atol=1e-4)
+    # without gradients the folded permutation is made once per change of the parameters:
+    # an update in place (an optimizer step, load_state_dict) is seen by the next call
+    with torch.no_grad():
+        (cached,), _ = folded([x])
+        torch.testing.assert_close(cached, z2.detach())
+        for block in blocks:
+            block.global_scale.mul_(1.5)
+            block.global_offset.add_(0.25)
+        (moved,), moved_jac = folded([x])
+        (expected,), expected_jac = freia([x])
+    assert (moved - cached).abs().max() > 0.1
+    torch.testing.assert_close(moved, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(moved_jac, expected_jac, rtol=1e-5, atol=1e-5)

@@ -27,7 +27,7 @@ from FrEIA.framework import SequenceINN
 from FrEIA.modules import AllInOneBlock
 from torch import nn
 
-from vitqc.heads.base import FeatureStandardizer, Head, fuse_maps
+from vitqc.heads.base import DerivedValues, FeatureStandardizer, Head, fuse_maps
 
 
 def _subnet(kernel_size: int, hidden_channels: int):
@@ -51,13 +51,31 @@ class FoldedAllInOneBlock(AllInOneBlock):
     parameters (a bundle's state dict loads either way), the same outputs and gradients
     to float rounding; the inverse and the GIN variant are FrEIA's own."""
 
-    def _permute(self, x: torch.Tensor, rev: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        if rev or self.GIN:
-            return super()._permute(x, rev)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._derived = DerivedValues()
+
+    def _folded_permutation(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(W diag(s), W o, sum log s)`` from the block's parameters."""
         scale = self.global_scale_activation(self.global_scale)  # [1, C, 1...]
         weight = self.w_perm * scale.reshape(1, -1, *([1] * self.input_rank))
         bias = self.w_perm.flatten(1) @ self.global_offset.flatten()
-        return self.permute_function(x, weight, bias), torch.sum(torch.log(scale))
+        return weight, bias, torch.sum(torch.log(scale))
+
+    def _permute(self, x: torch.Tensor, rev: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if rev or self.GIN:
+            return super()._permute(x, rev)
+        if torch.is_grad_enabled() and not torch.jit.is_tracing():  # training: gradients
+            weight, bias, log_jac = self._folded_permutation()  # reach the global affine
+        else:  # inference (and an export's constants): made once per change of the parameters
+
+            def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                with torch.inference_mode(False), torch.no_grad():
+                    return self._folded_permutation()
+
+            sources = [self.w_perm, self.global_scale, self.global_offset]
+            weight, bias, log_jac = self._derived.get("permutation", sources, build)
+        return self.permute_function(x, weight, bias), log_jac
 
     def _affine(
         self, x: torch.Tensor, a: torch.Tensor, rev: bool = False
