@@ -1,7 +1,8 @@
 """FastFlow-style 2-D normalizing flow head (paper §3.2), built from FrEIA AllInOneBlocks.
 
-One flow per feature map; each flow step is an ``AllInOneBlock`` whose coupling subnet
-is conv-ReLU-conv with kernels alternating 3x3 / 1x1, affine clamping 2.0 and hard
+One flow per feature map; each flow step is an ``AllInOneBlock`` (as
+``FoldedAllInOneBlock``, the same block in fewer passes) whose coupling subnet is
+conv-ReLU-conv with kernels alternating 3x3 / 1x1, affine clamping 2.0 and hard
 permutations. Trained by maximum likelihood; the patch score is the per-patch negative
 log-likelihood under the standard-normal base, ``0.5 * mean_c z^2`` (log-determinant
 left out, as in FastFlow and the paper's code), averaged over the feature maps.
