@@ -453,10 +453,10 @@ def test_gmm_inference_cache_never_goes_stale(data):
     head.eval()
     with torch.no_grad():
         first = head(data["bad"])
-        cached = head.mixtures[0]._inference_terms
+        cached = head.mixtures[0].inference_terms()
         head.eval()  # the scoring model calls eval() before every batch: keep the cache
         assert torch.equal(head(data["bad"]), first)  # cached mixture, same scores
-        assert cached is not None and head.mixtures[0]._inference_terms is cached
+        assert cached is not None and head.mixtures[0].inference_terms() is cached
         other = GMMHead(CHANNELS, SIZES, n_components=3, conditioning="position", seed=5)
         other.prepare(data["val"])
         head.load_state_dict(other.state_dict())  # new weights: the cache must go
@@ -471,8 +471,8 @@ def test_gmm_inference_cache_never_goes_stale(data):
     head.eval()
     with torch.no_grad():
         after = head(data["bad"])
-        head.mixtures[0]._inference_terms = None
-        head.mixtures[1]._inference_terms = None
+        head.mixtures[0]._derived.drop("terms")
+        head.mixtures[1]._derived.drop("terms")
         torch.testing.assert_close(after, head(data["bad"]))
     assert not torch.allclose(after, changed)
 

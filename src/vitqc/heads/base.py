@@ -113,10 +113,12 @@ def _moments(
 
 
 class DerivedValues:
-    """Values derived from tensors (a module's buffers), made when first asked for and
-    again whenever a source tensor changes: replaced (``prepare``, ``.to()``) or written
-    in place (``fit``, ``load_state_dict``). Never stored with the module. A tensor made
-    in inference mode has no version counter; it is keyed by identity alone (outside
+    """Values derived from tensors (a module's buffers or parameters), made when first
+    asked for and again whenever a source tensor changes: replaced (``prepare``,
+    ``.to()``) or written in place (``fit``, ``load_state_dict``, an optimizer step).
+    Never stored with the module. Made outside inference mode and without gradients, so
+    they serve calls in any mode (and a trace holds them as constants). A tensor made in
+    inference mode has no version counter; it is keyed by identity alone (outside
     inference mode nothing can write to it)."""
 
     def __init__(self) -> None:
@@ -126,7 +128,8 @@ class DerivedValues:
         key = tuple((id(t), -1 if t.is_inference() else t._version, t.data_ptr()) for t in sources)
         made = self._made.get(name)
         if made is None or made[0] != key:
-            made = self._made[name] = (key, build())
+            with torch.inference_mode(False), torch.no_grad():
+                made = self._made[name] = (key, build())
         return made[1]
 
     def drop(self, name: str) -> None:
@@ -222,18 +225,16 @@ class FeatureStandardizer(nn.Module):
         + bias[p]`` at every position, so a call makes one pass of products over its input
         instead of two elementwise passes before it. Made on first use and again when the
         statistics change, beside the buffers, which stay what the bundle holds (a second
-        copy of the whitening in memory: 72 MB for EfficientNet-Lite0's fused map);
-        made outside inference mode, so it serves calls in any mode."""
+        copy of the whitening in memory: 72 MB for EfficientNet-Lite0's fused map)."""
         names = (f"whitening_{i}", f"mean_{i}", f"std_{i}")
         whitening, mean, std = (getattr(self, name) for name in names)
 
         def build() -> tuple[torch.Tensor, torch.Tensor]:
             p, c, _ = whitening.shape
-            with torch.inference_mode(False), torch.no_grad():
-                m = mean.view(c, p).T.unsqueeze(1)  # [P, 1, C]
-                s = std.view(c, p).T.unsqueeze(1)
-                bias = torch.bmm(m / s, whitening.transpose(1, 2)).neg_()
-                return whitening / s, bias  # W diag(1 / s), -W (m / s)
+            m = mean.view(c, p).T.unsqueeze(1)  # [P, 1, C]
+            s = std.view(c, p).T.unsqueeze(1)
+            bias = torch.bmm(m / s, whitening.transpose(1, 2)).neg_()
+            return whitening / s, bias  # W diag(1 / s), -W (m / s)
 
         return self._derived.get(f"folded_{i}", [whitening, mean, std], build)
 

@@ -69,13 +69,10 @@ class FoldedAllInOneBlock(AllInOneBlock):
         if torch.is_grad_enabled() and not torch.jit.is_tracing():  # training: gradients
             weight, bias, log_jac = self._folded_permutation()  # reach the global affine
         else:  # inference (and an export's constants): made once per change of the parameters
-
-            def build() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-                with torch.inference_mode(False), torch.no_grad():
-                    return self._folded_permutation()
-
             sources = [self.w_perm, self.global_scale, self.global_offset]
-            weight, bias, log_jac = self._derived.get("permutation", sources, build)
+            weight, bias, log_jac = self._derived.get(
+                "permutation", sources, self._folded_permutation
+            )
         return self.permute_function(x, weight, bias), log_jac
 
     def _affine(

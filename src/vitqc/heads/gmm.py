@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitqc.heads.base import FeatureStandardizer, Head, fuse_maps
+from vitqc.heads.base import DerivedValues, FeatureStandardizer, Head, fuse_maps
 
 CONDITIONINGS = ("position", "shared", "embedding")
 #: Training patches the EM start is fitted on (a seeded random subset beyond that).
@@ -124,10 +124,7 @@ class MixtureDensity(nn.Module):
         self.to_logits = nn.Linear(hidden, n_components)
         self.to_mean = nn.Linear(hidden, n_components * dim)
         self.to_std = nn.Linear(hidden, n_components * dim)
-        self._inference_terms: tuple[torch.Tensor, ...] | None = None
-        self.register_load_state_dict_post_hook(
-            lambda module, _keys: setattr(module, "_inference_terms", None)
-        )
+        self._derived = DerivedValues()
 
     @torch.no_grad()
     def init_from_data(
@@ -143,7 +140,6 @@ class MixtureDensity(nn.Module):
         log_w, means, stds = fit_diagonal_gmm(
             patches, self.k, min_std=self.min_std * 1.5, generator=generator
         )
-        self._inference_terms = None
         for layer in (self.to_mean, self.to_std, self.to_logits):
             layer.weight.mul_(0.01)
         self.to_mean.bias.copy_(means.reshape(-1))
@@ -174,22 +170,20 @@ class MixtureDensity(nn.Module):
             return self.position_major_nll(x.transpose(0, 1))
         return _shared_mixture_nll_from_terms(x, *terms)
 
+    def inference_terms(self) -> tuple[torch.Tensor, ...]:
+        """``_inference_terms`` of the mixture's parameters, made once per change of
+        them (a training step, ``load_state_dict``, ``.to()``; not for the ``"embedding"``
+        conditioning)."""
+        return self._derived.get(
+            "terms",
+            list(self.parameters()),
+            lambda: _inference_terms(*self.parameters_for(self.position)),
+        )
+
     def position_major_nll(self, rows: torch.Tensor) -> torch.Tensor:
         """Inference NLL of patch rows laid out position-major: ``[P, B, D] -> [B, P]``
         (not for the ``"embedding"`` conditioning)."""
-        if self._inference_terms is None:
-            with torch.no_grad():
-                self._inference_terms = _inference_terms(*self.parameters_for(self.position))
-        return _inference_nll(rows, *self._inference_terms)
-
-    def train(self, mode: bool = True) -> MixtureDensity:
-        if mode:  # weights may change from here on; eval() alone keeps the cache
-            self._inference_terms = None
-        return super().train(mode)
-
-    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ...: drop the stale copy
-        self._inference_terms = None
-        return super()._apply(fn, *args, **kwargs)
+        return _inference_nll(rows, *self.inference_terms())
 
 
 def _shared_mixture_terms(

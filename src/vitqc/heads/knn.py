@@ -188,14 +188,8 @@ class KNNHead(Head):
 
     def _from_bank(self, name: str, build: Callable[[], Any]) -> Any:
         """``build()``, made when first needed and again whenever the bank changes
-        (``prepare``, ``load_state_dict``, in place); never stored. Made outside
-        inference mode and without gradients, so it serves calls in any mode."""
-
-        def made() -> Any:
-            with torch.inference_mode(False), torch.no_grad():
-                return build()
-
-        return self._derived.get(name, [self.bank], made)
+        (``prepare``, ``load_state_dict``, in place); never stored (``DerivedValues``)."""
+        return self._derived.get(name, [self.bank], build)
 
     def search_bank(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The bank in float32 and its rows' squared norms, for the exact and candidate
