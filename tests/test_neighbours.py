@@ -156,6 +156,21 @@ def test_int8_products_rank_by_distance_and_candidates_are_measured_exactly(
     assert np.all(far.numpy() >= _brute_force(queries * 3, bank)[0] * (1 - 1e-4) - 1e-3)
 
 
+def test_int8_block_argmax_is_the_first_largest_product() -> None:
+    """The eager int8 search's per-block argmax (largest group of ``GROUP`` columns,
+    then the largest column in it) gives ``argmax``'s column, the first of equal
+    products, which the ONNX graph's ``ArgMax`` gives; also for a partial last block."""
+    generator = torch.Generator().manual_seed(0)
+    for width in (4096, 2 * neighbours.GROUP, 1904, 3):
+        # few distinct values: many ties within and across groups
+        products = torch.randint(-5, 5, (300, width), generator=generator, dtype=torch.int32)
+        assert torch.equal(neighbours._row_argmax(products), products.argmax(1))
+    queries = torch.randint(-128, 128, (40, 32), generator=generator, dtype=torch.int8)
+    rows = torch.randint(-128, 128, (32, 4096), generator=generator, dtype=torch.int8)
+    want = (queries.int() @ rows.int()).argmax(1)
+    assert torch.equal(neighbours._BlockArgmax.apply(queries, rows), want)
+
+
 def test_export_search_is_int8_for_the_default() -> None:
     """An ONNX graph of the default search holds int8 candidates (ONNX Runtime's fast
     integer products); one of an explicit other mode holds the exact search."""
@@ -164,15 +179,20 @@ def test_export_search_is_int8_for_the_default() -> None:
         assert export_search(search) == "exact"
 
 
-def test_auto_search_is_bfloat16_where_the_cpu_computes_it(monkeypatch) -> None:
-    """``auto`` (the knn head's default) runs bfloat16 candidates where the CPU has
-    bfloat16 products in hardware and the exact search elsewhere; other modes are
-    themselves."""
+def test_auto_search_follows_the_cpus_matrix_units(monkeypatch) -> None:
+    """``auto`` (the knn head's default) runs bfloat16 candidates on CPUs with AMX tiles,
+    int8 candidates on CPUs with int8 dot products but no AMX, and the exact search
+    elsewhere; other modes are themselves."""
     assert create_head("knn", [8], [(4, 4)]).search == "auto"
-    monkeypatch.setattr(neighbours, "native_bfloat16", lambda: True)
-    assert resolve_search("auto") == "bfloat16"
-    monkeypatch.setattr(neighbours, "native_bfloat16", lambda: False)
-    assert resolve_search("auto") == "exact"
+    for amx, vnni, expected in [
+        (True, True, "bfloat16"),
+        (True, False, "bfloat16"),
+        (False, True, "int8"),
+        (False, False, "exact"),
+    ]:
+        monkeypatch.setattr(neighbours, "amx_tiles", lambda amx=amx: amx)
+        monkeypatch.setattr(neighbours, "native_int8", lambda vnni=vnni: vnni)
+        assert resolve_search("auto") == expected
     assert [resolve_search(s) for s in SEARCHES[1:]] == list(SEARCHES[1:])
 
 

@@ -29,8 +29,9 @@ The knn head's distances are matrix products over fixed blocks of its memory ban
 (``KNNHead.forward``), so the traced graph is valid for every batch size and never uses
 ``torch.cdist``. The graph holds the int8 candidate search of a head searching by
 ``auto`` (the default) or ``int8``, and the exact search otherwise
-(``heads.neighbours.export_search``): where torch runs the default bfloat16 candidates,
-a near tie may give torch or the graph a slightly larger distance (a few per mille).
+(``heads.neighbours.export_search``): where torch runs other candidates by default
+(bfloat16 on CPUs with AMX), a near tie may give torch or the graph a slightly larger
+distance (a few per mille).
 
 TensorFlow-style "same" padding (timm's ``Conv2dSame``: EfficientNet-Lite's stride-2
 convolutions) is dynamic in torch: the padding is computed from the input's size on every

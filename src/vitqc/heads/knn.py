@@ -227,9 +227,9 @@ class KNNHead(Head):
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Distance of each patch to its nearest bank entry. The exact search takes
-        matrix products over fixed blocks of the bank; the bfloat16 one (the default
-        where the CPU computes it natively) measures each block's bfloat16 candidate in
-        float32, the int8 one its int8 candidate; the faiss modes search their index on
+        matrix products over fixed blocks of the bank; the bfloat16 and int8 ones
+        measure each block's bfloat16 or int8 candidate in float32 (``auto`` picks the
+        faster on this CPU: ``resolve_search``); the faiss modes search their index on
         the CPU. An export (``vitqc.export``) traces the int8 or the exact search, as
         ``export_search`` says."""
         emb = self._embeddings(features)
