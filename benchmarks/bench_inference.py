@@ -11,7 +11,7 @@ times once, ``runtime.fastest_micro_batch``). With ``--data``
 the timed batches are that dataset's test images (resized to the input size) instead of
 synthetic ones, and the heads are fitted on it; ``--bundle HEAD=DIR`` times an already
 fitted model instead (e.g. a knn model with the dataset's full memory bank). A head may be a variant
-(``knn:search=faiss-hnsw``). The exported graph always searches exactly (``exact``).
+(``knn:search=faiss-hnsw``). The exported graph searches as ``export_search`` says.
 
 Printed per model: ms per image, and the full model over the backbone alone ("x bb") at
 batch 1 and 32 in each runtime. The backbone alone is timed again beside every model, in
