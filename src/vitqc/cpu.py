@@ -8,8 +8,7 @@ import torch
 def native_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 products in hardware (AMX or AVX512-BF16),
     where oneDNN's bfloat16 products and convolutions run faster than float32 ones."""
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(_supported(name) for name in checks)
+    return amx_tiles() or _supported("_is_avx512_bf16_supported")
 
 
 def amx_tiles() -> bool:
