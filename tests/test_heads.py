@@ -595,7 +595,8 @@ def test_position_whitening_norm_is_the_mahalanobis_distance():
 
 
 @pytest.mark.parametrize(
-    ("kernel", "block_values"), [("rows", None), ("blocks", None), ("blocks", 50)]
+    ("kernel", "block_values"),
+    [("rows", None), ("blocks", None), ("blocks", 50), ("columns", None)],
 )
 @pytest.mark.parametrize("fuse", [True, False])
 def test_position_whitening_is_the_per_position_product_and_leaves_its_input_alone(
@@ -603,7 +604,7 @@ def test_position_whitening_is_the_per_position_product_and_leaves_its_input_alo
 ):
     """The whitening lays the (fused) features out position-major itself; what it returns
     is exactly the whitening matrix times the standardized (concatenated) vector at each
-    position, for one image (by either single-image kernel; products over blocks of
+    position, for one image (by every single-image kernel; products over blocks of
     positions with 50 values per block: several blocks and a partial last one) or
     several, laid out with contiguous channels, and the caller's features are not
     touched."""
@@ -635,8 +636,8 @@ def test_position_whitening_is_the_per_position_product_and_leaves_its_input_alo
 
 def test_one_image_takes_the_kernel_timed_fastest_once_per_shape(monkeypatch):
     """The first single image of a shape times every kernel (3 alternating rounds) and
-    keeps the fastest for that shape; later images of that shape only run it, and both
-    kernels give the batched product plus the bias."""
+    keeps the fastest for that shape; later images of that shape only run it, and every
+    kernel gives the batched product plus the bias."""
     calls = {name: 0 for name in base.SINGLE_IMAGE_KERNELS}
 
     def counted(name):

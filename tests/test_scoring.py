@@ -76,3 +76,30 @@ def test_maps_at_input_size_is_upsampling_then_blur(grid, size, sigma):
     if sigma > 0:  # the blur keeps a constant map constant, border included
         flat = maps_at_input_size(torch.full((1, *grid), 7.0), size, sigma)
         torch.testing.assert_close(flat, torch.full((1, *size), 7.0))
+
+
+def test_maps_from_features_scores_a_head_in_eval_mode():
+    """A head left in training mode (after a training step) is put in eval mode, with
+    every submodule, before it scores; the maps are those of the head in eval mode."""
+    from torch import nn
+
+    from vitqc.heads import create_head
+    from vitqc.scoring import AnomalyModel
+
+    class Features(nn.Module):  # what the extractor hands over: the features themselves
+        input_size = (16, 16)
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            return [x]
+
+    g = torch.Generator().manual_seed(0)
+    features = [torch.randn(6, 4, 4, 4, generator=g)]
+    head = create_head("flow", [4], [(4, 4)], steps=2, hidden_ratio=1.0, min_hidden=4)
+    head.prepare(features)
+    model = AnomalyModel(nn.Identity(), Features(), head, smoothing_sigma=1.0)
+    head.eval()
+    expected, _ = model.maps_from_features(features)
+    head.train()
+    maps, _ = model.maps_from_features(features)
+    assert not any(m.training for m in head.modules())
+    torch.testing.assert_close(maps, expected)
