@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from vitqc.errors import VitqcError
-from vitqc.scoring import aggregate_maps, maps_at_input_size, parse_image_score
+from vitqc.heads import create_head
+from vitqc.scoring import AnomalyModel, aggregate_maps, maps_at_input_size, parse_image_score
 
 
 def test_aggregations_by_hand():
@@ -81,10 +83,6 @@ def test_maps_at_input_size_is_upsampling_then_blur(grid, size, sigma):
 def test_maps_from_features_scores_a_head_in_eval_mode():
     """A head left in training mode (after a training step) is put in eval mode, with
     every submodule, before it scores; the maps are those of the head in eval mode."""
-    from torch import nn
-
-    from vitqc.heads import create_head
-    from vitqc.scoring import AnomalyModel
 
     class Features(nn.Module):  # what the extractor hands over: the features themselves
         input_size = (16, 16)
