@@ -24,7 +24,7 @@ from vitqc.data.transforms import Preprocessor, resize_batch
 from vitqc.decision import operator_score
 from vitqc.errors import VitqcError
 from vitqc.export import METADATA_KEY, bundle_id, export_bundle, export_onnx
-from vitqc.heads.neighbours import export_search, resolve_search
+from vitqc.heads.neighbours import GROUP, export_search, resolve_search
 from vitqc.pipeline import FitOptions, fit, predict_images
 from vitqc.runtime import (
     MICRO_BATCH,
@@ -323,18 +323,24 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> N
 
 @pytest.mark.parametrize("exported", ["knn"], indirect=True)
 def test_knn_graph_searches_with_int8_products(exported, tmp_path):
-    """The default search exports as int8 candidates: one integer product and one
-    ``ArgMax`` per bank block, the queries quantized once; no float product over the
-    bank (the float32 work left is measuring each block's candidate again). A head set
-    to the exact search exports that."""
+    """The default search exports as int8 candidates: one integer product per bank
+    block, its argmax through the maxima of groups of ``GROUP`` columns where the block
+    has whole groups (two ``ArgMax``, one ``GatherND``) and one ``ArgMax`` for a partial
+    block, the queries quantized once; no float product over the bank (the float32
+    work left is measuring each block's candidate again). A head set to the exact
+    search exports that."""
     head, model, _, onnx_path, _ = exported
 
     def ops(path: Path) -> list[str]:
         return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
 
     default = ops(onnx_path)
-    blocks = len(model.head.int8_bank().blocks)
-    assert default.count("MatMulInteger") == default.count("ArgMax") == blocks
+    widths = [rows.shape[1] for rows in model.head.int8_bank().blocks]
+    grouped = sum(width % GROUP == 0 for width in widths)
+    blocks = len(widths)
+    assert default.count("MatMulInteger") == blocks
+    assert default.count("GatherND") == grouped
+    assert default.count("ArgMax") == blocks + grouped
     assert default.count("QuantizeLinear") == 1
     assert "Gemm" not in default
     search = model.head.search

@@ -168,7 +168,46 @@ def test_int8_block_argmax_is_the_first_largest_product() -> None:
     queries = torch.randint(-128, 128, (40, 32), generator=generator, dtype=torch.int8)
     rows = torch.randint(-128, 128, (32, 4096), generator=generator, dtype=torch.int8)
     want = (queries.int() @ rows.int()).argmax(1)
-    assert torch.equal(neighbours._BlockArgmax.apply(queries, rows), want)
+    assert torch.equal(neighbours._BlockArgmax.apply(queries, rows, 4096), want)
+
+
+@pytest.mark.parametrize("width", [4096, 2 * neighbours.GROUP, 1904])
+def test_exported_block_argmax_is_the_first_largest_product(tmp_path, width) -> None:
+    """The ONNX graph's block argmax (group maxima, their ``ArgMax``, the ``ArgMax``
+    within the winning group; a plain ``ArgMax`` for a partial block) gives in ONNX
+    Runtime the column ``argmax`` gives: the first of equal products, ties within and
+    across groups included."""
+    import onnxruntime as ort
+
+    from vitqc.export import OPSET
+
+    generator = torch.Generator().manual_seed(1)
+    # few distinct values: many equal products
+    rows = torch.randint(-2, 3, (8, width), generator=generator, dtype=torch.int8)
+    queries = torch.randint(-2, 3, (300, 8), generator=generator).float()
+
+    class Search(torch.nn.Module):
+        def forward(self, q: torch.Tensor) -> torch.Tensor:
+            quantized = neighbours._QuantizeQueries.apply(q, 1.0)
+            return neighbours._BlockArgmax.apply(quantized, rows, width)
+
+    path = tmp_path / "argmax.onnx"
+    torch.onnx.export(
+        Search(),
+        (queries,),
+        str(path),
+        opset_version=OPSET,
+        dynamo=False,
+        input_names=["q"],
+        dynamic_axes={"q": {0: "n"}},
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    want = (queries.int() @ rows.int()).argmax(1)
+    for n in (300, 1):
+        found = session.run(None, {"q": queries[:n].numpy()})[0]
+        assert found.shape == (n,)
+        np.testing.assert_array_equal(found, want[:n].numpy())
+    assert torch.equal(Search()(queries), want)
 
 
 def test_export_search_is_int8_for_the_default() -> None:

@@ -250,18 +250,31 @@ class _QuantizeQueries(torch.autograd.Function):
 
 class _BlockArgmax(torch.autograd.Function):
     """Column of the largest integer product of each quantized query row with
-    ``rows [D', m]``; in ONNX ``MatMulInteger`` (uint8 x int8, ONNX Runtime's fast
-    integer path) then ``ArgMax``."""
+    ``rows [D', m]`` (``columns``: ``m``). In ONNX ``MatMulInteger`` (uint8 x int8, ONNX
+    Runtime's fast integer path), then the argmax as ``_row_argmax`` takes it: ONNX
+    Runtime's ``ArgMax`` over 4096 int32 columns took 1.8 ms for 784 queries, the group
+    maxima (``ReduceMax``), their ``ArgMax`` and one within the winning group 0.5."""
 
     @staticmethod
-    def forward(ctx: Any, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, queries: torch.Tensor, rows: torch.Tensor, columns: int) -> torch.Tensor:
         return _row_argmax(torch._int_mm(queries, rows))
 
     @staticmethod
-    def symbolic(g: Any, queries: Any, rows: Any) -> Any:
+    def symbolic(g: Any, queries: Any, rows: Any, columns: int) -> Any:
         zero = g.op("Constant", value_t=torch.tensor(128, dtype=torch.uint8))
         products = g.op("MatMulInteger", queries, rows, zero)
-        return g.op("ArgMax", products, axis_i=1, keepdims_i=0)
+        if columns % GROUP:  # the bank's last, partial block
+            return g.op("ArgMax", products, axis_i=1, keepdims_i=0)
+        shape = g.op("Constant", value_t=torch.tensor([-1, columns // GROUP, GROUP]))
+        grouped = g.op("Reshape", products, shape)  # [n, groups, GROUP]
+        maxima = g.op("ReduceMax", grouped, axes_i=[2], keepdims_i=0)
+        best = g.op("ArgMax", maxima, axis_i=1, keepdims_i=1)  # [n, 1]: the first largest
+        within = g.op(
+            "ArgMax", g.op("GatherND", grouped, best, batch_dims_i=1), axis_i=1, keepdims_i=0
+        )
+        flat = g.op("Reshape", best, g.op("Constant", value_t=torch.tensor([-1])))
+        size = g.op("Constant", value_t=torch.tensor(GROUP))
+        return g.op("Add", g.op("Mul", flat, size), within)
 
 
 def _row_argmax(products: torch.Tensor) -> torch.Tensor:
@@ -294,7 +307,7 @@ def int8_min_sq_distances(
         quantized = _QuantizeQueries.apply(torch.cat([q, columns], 1), int8_bank.scale)
         found, start = [], 0
         for rows in int8_bank.blocks:
-            found.append(start + _BlockArgmax.apply(quantized, rows))
+            found.append(start + _BlockArgmax.apply(quantized, rows, int(rows.shape[1])))
             start += rows.shape[1]
         return _nearest_candidate(q, bank, bank_sq, torch.stack(found, 1))
 
