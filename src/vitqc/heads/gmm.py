@@ -74,9 +74,10 @@ def fit_diagonal_gmm(
 
     Returns ``(log_weights [K], means [K, D], stds [K, D])``. Used to start the head's
     mixture where a classic GMM fit would end, so gradient training refines it (per
-    position, say) instead of spending hundreds of epochs finding the components.
+    position, say) instead of spending hundreds of epochs finding the components. In
+    float32, twice as fast as float64 for the same start as far as the test figures tell.
     """
-    x = x.double()
+    x = x.float()
     n = x.shape[0]
     k = min(n_components, n)
     means = x[torch.randperm(n, generator=generator)[:k]].clone()
