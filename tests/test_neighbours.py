@@ -168,7 +168,7 @@ def test_int8_block_argmax_is_the_first_largest_product() -> None:
     queries = torch.randint(-128, 128, (40, 32), generator=generator, dtype=torch.int8)
     rows = torch.randint(-128, 128, (32, 4096), generator=generator, dtype=torch.int8)
     want = (queries.int() @ rows.int()).argmax(1)
-    assert torch.equal(neighbours._BlockArgmax.apply(queries, rows, 4096), want)
+    assert torch.equal(neighbours._BlockArgmax.apply(queries, rows), want)
 
 
 @pytest.mark.parametrize("width", [4096, 2 * neighbours.GROUP, 1904])
@@ -189,7 +189,7 @@ def test_exported_block_argmax_is_the_first_largest_product(tmp_path, width) -> 
     class Search(torch.nn.Module):
         def forward(self, q: torch.Tensor) -> torch.Tensor:
             quantized = neighbours._QuantizeQueries.apply(q, 1.0)
-            return neighbours._BlockArgmax.apply(quantized, rows, width)
+            return neighbours._BlockArgmax.apply(quantized, rows)
 
     path = tmp_path / "argmax.onnx"
     torch.onnx.export(

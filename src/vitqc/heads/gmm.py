@@ -95,7 +95,7 @@ def fit_diagonal_gmm(
         reps = -(-n_components // k)
         means, var = means.repeat(reps, 1)[:n_components], var.repeat(reps, 1)[:n_components]
         log_w = log_w.repeat(reps)[:n_components] - math.log(reps)
-    return log_w.float(), means.float(), var.sqrt().float()
+    return log_w, means, var.sqrt()
 
 
 class MixtureDensity(nn.Module):
