@@ -145,6 +145,25 @@ def test_same_padding_exports_as_one_convolution(exported):
     assert [0, 0, 1, 1] in pads  # 3 x 3, stride 2, even input: nothing before, 1 after
 
 
+def test_flow_couplings_export_without_shape_arithmetic(exported):
+    """Each flow step's coupling splits its coefficients at a constant width and adds
+    ``x * exp(s)`` to the shift without a product by 1: no ``Shape`` / ``Slice`` nodes
+    and two ``Mul`` per step (the clamp and the scale), one ``Split`` for the step's
+    input and one for its coefficients. The outputs equal torch's
+    (``test_onnx_runtime_matches_torch``)."""
+    head, loaded, *_, onnx_path, _ = exported
+    if head != "flow":
+        pytest.skip("flow graph only")
+    nodes = onnx.load(str(onnx_path), load_external_data=False).graph.node
+    flow_nodes = [n for n in nodes if n.name.startswith("/head/flows.")]
+    steps = sum(len(flow) for flow in loaded.head.flows)
+    kinds = [n.op_type for n in flow_nodes]
+    assert not [n.name for n in flow_nodes if n.op_type in ("Shape", "Slice", "Gather")]
+    assert kinds.count("Split") == 2 * steps
+    assert kinds.count("Mul") == 3 * steps  # the 0.1 (folded into its convolution by ORT)
+    assert kinds.count("Add") == steps
+
+
 def test_static_same_padding_matches_torch_and_restores_the_module(tmp_path):
     """A ``Conv2dSame`` traced at a fixed size is one ``Conv`` with pads (odd and even
     sizes, 3 x 3 and 5 x 5, strides 1 and 2), equal to torch's dynamic padding; the

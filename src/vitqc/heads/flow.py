@@ -81,9 +81,14 @@ class FoldedAllInOneBlock(AllInOneBlock):
         if rev or self.GIN:
             return super()._affine(x, a, rev)
         a *= 0.1  # FrEIA's scaling of the coupling coefficients
-        ch = x.shape[1]
-        log_scale = self.clamp * torch.tanh(a[:, :ch])
-        out = torch.addcmul(a[:, ch:], x, torch.exp(log_scale))
+        # the coupling's width as a constant (``x.shape[1]`` would trace as shape
+        # arithmetic) and one split: fewer nodes in an exported graph
+        log_scale, shift = torch.split(a, self.splits[1], dim=1)
+        log_scale = self.clamp * torch.tanh(log_scale)
+        if torch.jit.is_tracing():  # addcmul exports as two products and a sum
+            out = shift + x * torch.exp(log_scale)
+        else:
+            out = torch.addcmul(shift, x, torch.exp(log_scale))
         return out, torch.sum(log_scale, dim=self.sum_dims)
 
 
