@@ -86,11 +86,35 @@ def test_image_metrics_by_hand(tmp_path):
     assert res["confusion"] == {"tp": 2, "fp": 0, "tn": 2, "fn": 1}
     assert res["threshold"] == 0.3 and res["aupro_fpr_limit"] == 0.3
     assert (res["n_test"], res["n_test_good"], res["n_test_defective"]) == (5, 2, 3)
-    # crack {0.9, 0.5} vs good: 1.0; scratch {0.15} vs {0.1, 0.2}: 1/2.
-    assert res["per_defect_type"] == {
-        "crack": {"image_auroc": 1.0, "n_test": 2},
-        "scratch": {"image_auroc": 0.5, "n_test": 1},
+    # crack {0.9, 0.5} vs good: 1.0, both flagged; scratch {0.15} vs {0.1, 0.2}: 1/2,
+    # not flagged.
+    per_type = {
+        name: {k: v[k] for k in ("image_auroc", "n_test", "recall")}
+        for name, v in res["per_defect_type"].items()
     }
+    assert per_type == {
+        "crack": {"image_auroc": 1.0, "n_test": 2, "recall": 1.0},
+        "scratch": {"image_auroc": 0.5, "n_test": 1, "recall": 0.0},
+    }
+
+
+def test_pixel_metrics_per_defect_type_against_every_good_image(tmp_path):
+    """A defect type's pixel AUROC and AUPRO are those of its masked images together
+    with every good image; a type whose masks are all empty has none (noted)."""
+    samples, scores, maps = _mvtec_like(tmp_path)
+    res = evaluate_predictions(samples, scores, maps, threshold=0.3)
+    masks = [np.zeros((20, 30), bool), np.zeros((24, 16), bool), read_mask(samples[2].mask_path)]
+    big = [resize_map(m, k.shape) for m, k in zip([maps[0], maps[1], maps[2]], masks, strict=True)]
+    crack = res["per_defect_type"]["crack"]
+    assert crack["pixel_auroc"] == pytest.approx(pixel_auroc(masks, big))
+    assert crack["aupro"] == pytest.approx(aupro(masks, big, 0.3))
+    assert crack["pixel_auroc"] != pytest.approx(res["pixel_auroc"])  # not the overall figure
+    scratch = res["per_defect_type"]["scratch"]
+    assert scratch["pixel_auroc"] is None and scratch["aupro"] is None
+    assert any("pixel AUROC" in note for note in res["notes"])
+    # without maps: image figures only
+    res = evaluate_predictions(samples, scores, None, threshold=0.3)
+    assert set(res["per_defect_type"]["crack"]) == {"image_auroc", "n_test", "recall"}
 
 
 def test_pixel_metrics_at_original_mask_resolution(tmp_path):
@@ -164,6 +188,7 @@ def test_table_rendering(tmp_path):
     for needle in ("Image AUROC", "0.8333", "AUPRO (FPR <= 0.3)", "Pixel AUROC", "0.9167"):
         assert needle in text
     assert "crack" in text and "scratch" in text and "1.0000" in text
+    assert "Per defect type" in text and "Recall" in text and text.count("AUPRO") == 2
     assert "Defective images without mask" in text
     mnist = [
         Sample(str(i), i % 2, "good" if i % 2 == 0 else "x", array=np.zeros((4, 4)))

@@ -11,6 +11,7 @@ import io
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -95,8 +96,8 @@ def evaluate_predictions(
             "image_auroc": _num(image_auroc(labels, scores)),
             "image_prauc": _num(image_prauc(labels, scores)),
         }
-        pixel = _pixel_metrics(samples, maps, fpr_limit)
-        result.update(pixel)
+        inputs = None if maps is None else _pixel_inputs(samples, maps)
+        result.update(_pixel_metrics(inputs, int(labels.sum()), fpr_limit))
         if flagged is None:
             f1, precision, recall = f1_precision_recall(labels, scores, threshold)
             flagged = scores > float(threshold)
@@ -106,11 +107,15 @@ def evaluate_predictions(
         per_type: dict[str, dict[str, Any]] = {}
         good = labels == 0
         for dt in defect_types:
-            sel = good | np.array([s.is_defective and s.defect_type == dt for s in samples])
+            of_type = np.array([s.is_defective and s.defect_type == dt for s in samples])
+            sel = good | of_type
             per_type[dt] = {
                 "image_auroc": _num(image_auroc(labels[sel], scores[sel])),
-                "n_test": int(np.sum(sel & ~good)),
+                "n_test": int(np.sum(of_type)),
+                "recall": _num(np.mean(flagged[of_type])),
             }
+            if inputs is not None and inputs.masks:  # its regions against every good pixel
+                per_type[dt].update(_pixel_figures(inputs, fpr_limit, sel))
     for w in caught:
         if str(w.message) not in notes:
             notes.append(str(w.message))
@@ -252,35 +257,61 @@ def format_threshold_check(check: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class _PixelInputs:
+    """The test images that have a mask: their indices in the test split, masks and maps
+    at the image's original size."""
+
+    index: list[int]
+    masks: list[np.ndarray]
+    maps: list[np.ndarray]
+    missing: int  # defective images without a mask
+
+
+def _pixel_inputs(samples: list[Sample], maps: Sequence[Any]) -> _PixelInputs:
+    found = _PixelInputs([], [], [], 0)
+    for i, (sample, amap) in enumerate(zip(samples, maps, strict=True)):
+        shape = original_shape(sample)
+        mask = load_mask(sample, shape)
+        if mask is None:
+            found.missing += 1
+            continue
+        found.index.append(i)
+        found.masks.append(mask)
+        found.maps.append(resize_map(amap, shape))
+    return found
+
+
+def _pixel_figures(
+    inputs: _PixelInputs, fpr_limit: float, keep: np.ndarray | None = None
+) -> dict[str, float | None]:
+    """Pixel AUROC and AUPRO over the masked images (those ``keep[i]`` of the test split)."""
+    chosen = [k for k, i in enumerate(inputs.index) if keep is None or keep[i]]
+    masks = [inputs.masks[k] for k in chosen]
+    maps = [inputs.maps[k] for k in chosen]
+    if not masks:
+        return {"pixel_auroc": None, "aupro": None}
+    return {
+        "pixel_auroc": _num(pixel_auroc(masks, maps)),
+        "aupro": _num(aupro(masks, maps, fpr_limit)),
+    }
+
+
 def _pixel_metrics(
-    samples: list[Sample], maps: Sequence[Any] | None, fpr_limit: float
+    inputs: _PixelInputs | None, n_defective: int, fpr_limit: float
 ) -> dict[str, Any]:
-    if maps is None:
+    if inputs is None:
         return {
             "pixel_auroc": None,
             "aupro": None,
             "n_pixel_images": 0,
-            "n_defective_without_mask": sum(s.is_defective for s in samples),
+            "n_defective_without_mask": n_defective,
         }
-    masks: list[np.ndarray] = []
-    resized: list[np.ndarray] = []
-    missing = 0
-    for sample, amap in zip(samples, maps, strict=True):
-        shape = original_shape(sample)
-        mask = load_mask(sample, shape)
-        if mask is None:
-            missing += 1
-            continue
-        masks.append(mask)
-        resized.append(resize_map(amap, shape))
-    out: dict[str, Any] = {"pixel_auroc": None, "aupro": None}
-    if masks:
-        out["pixel_auroc"] = _num(pixel_auroc(masks, resized))
-        out["aupro"] = _num(aupro(masks, resized, fpr_limit))
-    else:
+    if not inputs.masks:
         warnings.warn("no test image has a mask; pixel metrics are undefined", stacklevel=2)
-    out["n_pixel_images"] = len(masks)
-    out["n_defective_without_mask"] = missing
+    out: dict[str, Any] = _pixel_figures(inputs, fpr_limit)
+    out["n_pixel_images"] = len(inputs.masks)
+    out["n_defective_without_mask"] = inputs.missing
     return out
 
 
@@ -339,12 +370,20 @@ def format_metrics_table(result: dict[str, Any], width: int = 88) -> str:
     console.print(main)
     per_type = result.get("per_defect_type") or {}
     if per_type:
-        table = Table(title="Image AUROC per defect type (vs. all good test images)")
+        pixel = any("aupro" in vals for vals in per_type.values())
+        table = Table(title="Per defect type (each against all good test images)")
         table.add_column("Defect type")
         table.add_column("Images", justify="right")
         table.add_column("Image AUROC", justify="right")
+        table.add_column("Recall", justify="right")
+        if pixel:
+            table.add_column("Pixel AUROC", justify="right")
+            table.add_column("AUPRO", justify="right")
         for name, vals in per_type.items():
-            table.add_row(name, _fmt(vals.get("n_test")), _fmt(vals.get("image_auroc")))
+            cells = [name] + [_fmt(vals.get(k)) for k in ("n_test", "image_auroc", "recall")]
+            if pixel:
+                cells += [_fmt(vals.get("pixel_auroc")), _fmt(vals.get("aupro"))]
+            table.add_row(*cells)
         console.print(table)
     for note in result.get("notes") or []:
         console.print(f"note: {note}", markup=False, highlight=False)
