@@ -5,9 +5,11 @@ sets goals for.
 Fits each head briefly on a small synthetic dataset (latency does not depend on how well
 a head is trained), exports it with ``vitqc.export`` (and the preprocessing + backbone
 alone the same way), then times both with vitqc's own latency probe (median of repeats).
-ONNX Runtime gets as many threads as torch; both run a batch in micro-batches, as vitqc
-does (``backbones.extractor.MICRO_BATCH``; ONNX Runtime the size ``runtime.ExportedModel``
-times once, ``runtime.fastest_micro_batch``). With ``--data``
+ONNX Runtime gets as many threads as torch; both run a batch as vitqc does: the backbone
+in micro-batches (``backbones.extractor.MICRO_BATCH``; in ONNX Runtime the size
+``runtime.fastest_micro_batch`` times once) and the head on the whole batch (the full
+model through ``runtime.ExportedModel.run``, the backbone alone in its own session). With
+``--data``
 the timed batches are that dataset's test images (resized to the input size) instead of
 synthetic ones, and the heads are fitted on it; ``--bundle HEAD=DIR`` times an already
 fitted model instead (e.g. a knn model with the dataset's full memory bank). A head may be a variant
@@ -34,6 +36,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import torch
 from torch import nn
@@ -49,7 +52,7 @@ from vitqc.export import export_onnx, trace_to_onnx
 from vitqc.heads import parse_head
 from vitqc.heads.neighbours import export_search, resolve_search
 from vitqc.pipeline import FitOptions, fit
-from vitqc.runtime import fastest_micro_batch, run_in_chunks
+from vitqc.runtime import ExportedModel, fastest_micro_batch, run_in_chunks
 from vitqc.scoring import AnomalyModel
 
 BATCHES = (1, 32)
@@ -82,21 +85,24 @@ def _export_backbone(model: AnomalyModel, path: Path) -> Path:
     return path
 
 
-def _ort_timer(
-    session: ort.InferenceSession, images: torch.Tensor
-) -> Callable[[], dict[int, float]]:
-    """A function timing ms per image, the batch run as ``vitqc.runtime.ExportedModel.run``
-    runs it (in the micro-batch it chooses, chosen once)."""
-    chunk = fastest_micro_batch(session, images.shape[-2:])
+def _ort_timer(run: Callable[[np.ndarray], object], images: torch.Tensor):
+    """A function timing ``run`` in ms per image at each of ``BATCHES``."""
     return lambda: {
         bs: time_per_image_ms(
-            lambda t: run_in_chunks(session, t.numpy(), chunk),
+            lambda t: run(t.numpy()),
             images[torch.arange(bs) % images.shape[0]],
             min_seconds=2.0,
             min_repeats=5,
         )
         for bs in BATCHES
     }
+
+
+def _backbone_runner(path: Path, input_size: tuple[int, int]) -> Callable[[np.ndarray], object]:
+    """The exported backbone alone, in the micro-batch it runs fastest in (chosen once)."""
+    session = _session(path)
+    chunk = fastest_micro_batch(session, input_size)
+    return lambda batch: run_in_chunks(session, batch, chunk)
 
 
 def _row(name: str, ms: dict[int, float], ratios: tuple[float, ...] | None, goal: str = "") -> str:
@@ -175,8 +181,11 @@ def main() -> None:
             first = ort_backbone is None
             if first:  # every model shares the backbone and input size
                 path = _export_backbone(model, Path(tmp) / "backbone.onnx")
-                ort_backbone = _ort_timer(_session(path), images)
-            ort_full = _ort_timer(_session(onnx_path), images)
+                ort_backbone = _ort_timer(_backbone_runner(path, model.input_size), images)
+            # as vitqc.runtime runs it: a batch's backbone in micro-batches, its head on
+            # the whole batch
+            runtime_model = ExportedModel(onnx_path, threads=torch.get_num_threads())
+            ort_full = _ort_timer(runtime_model.run, images)
             rounds: dict[str, list[dict[int, float]]] = {k: [] for k in PARTS}
             for _ in range(args.rounds):  # each model beside its backbone, in turn
                 lat = measure_latency(model, BATCHES, min_seconds=2.0, min_repeats=5, images=images)

@@ -29,9 +29,12 @@ from vitqc.pipeline import FitOptions, fit, predict_images
 from vitqc.runtime import (
     MICRO_BATCH,
     MICRO_BATCH_CHOICES,
+    OUTPUTS,
     ExportedModel,
     fastest_micro_batch,
+    feature_names,
     resize_image,
+    run_head,
 )
 
 HEADS = ("gaussian", "knn", "flow", "gmm")
@@ -217,6 +220,36 @@ def test_batch_of_one_and_of_eight_agree(exported, images):
     assert _rel(odd["score"], eight["score"][: MICRO_BATCH + 1]) <= 1e-5
 
 
+def test_a_batch_runs_its_backbone_in_micro_batches_and_its_head_whole(exported, images):
+    """The graph's feature-map outputs are the backbone's features; cut there, a batch
+    runs the backbone part ``micro_batch`` images at a time and the head part on the
+    whole batch, with the outputs of the whole graph. A single image, or a model told
+    not to split, runs the whole graph and never builds the parts."""
+    _, model, _, onnx_path, _ = exported
+    x = np.stack([resize_image(read_image(p), model.input_size) for p in images[:8]])
+    split = ExportedModel(onnx_path, threads=1, micro_batch=1)
+    split.run(x[:1])
+    assert split._split is None  # one image: the whole graph, no parts built
+    backbone, head = split.split_sessions()
+    assert [o.name for o in backbone.get_outputs()] == split.features
+    assert [i.name for i in head.get_inputs()] == split.features
+    assert [o.name for o in head.get_outputs()] == list(OUTPUTS)
+    ort_features = split.session.run(split.features, {"image": x})
+    with torch.no_grad():
+        torch_features = model.features(torch.from_numpy(x))
+    for got, want in zip(ort_features, torch_features, strict=True):
+        assert got.shape == tuple(want.shape)
+        assert float(np.abs(got - want.numpy()).max()) <= 1e-4 * float(want.abs().max())
+    whole = ExportedModel(onnx_path, threads=1, micro_batch=8, split=False)
+    assert whole.features == []
+    parts, one_call = split.run(x), whole.run(x)
+    assert whole._split is None
+    for name in OUTPUTS:
+        np.testing.assert_allclose(parts[name], one_call[name], rtol=1e-5, atol=1e-6)
+    ref = [run_head(head, [f[i : i + 1] for f in ort_features], split.features) for i in (0, 7)]
+    np.testing.assert_allclose(parts["score"][[0, 7]], [r[0][0] for r in ref], rtol=1e-5)
+
+
 def test_fastest_micro_batch_is_timed_on_the_session(exported):
     """The choice runs the real session on blank images and returns one of the sizes it
     was given (a single choice: that one); it is made only when a batch needs it."""
@@ -288,11 +321,14 @@ def test_metadata_carries_what_a_caller_needs(exported):
     dims = graph_input.type.tensor_type.shape.dim
     assert graph_input.name == "image" and dims[0].dim_param == "N"
     assert [d.dim_value for d in dims[1:]] == [3, *model.input_size]
+    n_features = len(model.extractor.feature_shapes())
+    assert info["features"] == feature_names(n_features) == runtime.features
     assert [o.name for o in proto.graph.output] == [
         "score",
         "normalized_score",
         "map",
         "defective",
+        *info["features"],
     ]
     assert not any(n.op_type == "CDist" for n in proto.graph.node)
 

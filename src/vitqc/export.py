@@ -64,7 +64,7 @@ from vitqc.atomic import atomic_path
 from vitqc.decision import operator_score
 from vitqc.errors import VitqcError
 from vitqc.files import file_sha256
-from vitqc.runtime import FORMAT, FORMAT_VERSION, METADATA_KEY, OUTPUTS
+from vitqc.runtime import FORMAT, FORMAT_VERSION, METADATA_KEY, OUTPUTS, feature_names
 from vitqc.scoring import AnomalyModel, aggregate_maps, maps_at_input_size
 
 __all__ = [
@@ -105,6 +105,8 @@ class ExportGraph(nn.Module):
         self.register_buffer("map_low", model.map_low.detach().clone().float())
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``OUTPUTS``, then the backbone's feature maps (the head's inputs, named
+        ``feature_names``: where ``vitqc.runtime`` splits the graph)."""
         features = [f.float() for f in self.extractor(self.preprocessor(image))]
         patch, scores = self.head.score(features)
         maps = maps_at_input_size(patch, self.input_size, self.smoothing_sigma)
@@ -112,7 +114,7 @@ class ExportGraph(nn.Module):
             scores = aggregate_maps(maps, self.image_score)
         normalized = operator_score(scores, self.map_low, self.threshold)
         normalized_maps = operator_score(maps, self.map_low, self.threshold)
-        return scores, normalized, normalized_maps, scores > self.threshold
+        return scores, normalized, normalized_maps, scores > self.threshold, *features
 
 
 class _StaticSamePadConv(torch.autograd.Function):
@@ -258,6 +260,9 @@ def export_metadata(model: AnomalyModel, meta: dict[str, Any]) -> dict[str, Any]
             "normalized_score": "operator score [N]: 0.5 at the threshold",
             "map": "anomaly map [N, H, W] on the operator scale",
             "defective": "score > threshold [N] (bool, stored threshold)",
+            "features_*": "the backbone's feature maps, the head's inputs (listed under "
+            "'features'): vitqc.runtime runs a batch's backbone in micro-batches and its "
+            "head on the whole batch",
         },
         "normalized_score": "u = (s - map_low) / (threshold - map_low); "
         "clip(u, 0, 1) / 2 for u <= 1, 1 - 1 / (2 u) above (vitqc.decision.operator_score)",
@@ -322,12 +327,14 @@ def export_onnx(model: AnomalyModel, out: Path, meta: dict[str, Any]) -> Path:
     h, w = info["input_size"]
     example = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        graph(example)  # fills inference caches (the GMM's mixture terms) before tracing
+        # fills inference caches (the GMM's mixture terms) before tracing
+        n_features = len(graph(example)) - len(OUTPUTS)
         model.head.prepare_export()
+    info["features"] = feature_names(n_features)
     with tempfile.TemporaryDirectory(prefix="vitqc-export-") as tmp:
         raw = Path(tmp) / "model.onnx"
         try:
-            trace_to_onnx(graph, example, raw, output_names=list(OUTPUTS))
+            trace_to_onnx(graph, example, raw, output_names=[*OUTPUTS, *info["features"]])
         except Exception as exc:  # the exporter's errors are long; one line here
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise VitqcError(

@@ -22,6 +22,9 @@ the scale is strictly increasing above ``map_low``, so the same images and pixel
 as with raw values (a ``--threshold`` at or below ``map_low`` makes the area rule count
 every pixel above ``map_low``).
 
+A batch of images runs as eager vitqc runs it: the backbone part of the graph a few
+images at a time, the head part on the whole batch (``ExportedModel.run``).
+
 Only torch-free vitqc modules are imported: ``vitqc.data.io`` (reading images, as
 ``vitqc predict`` does), ``vitqc.decision`` and ``vitqc.errors``.
 """
@@ -53,6 +56,7 @@ __all__ = [
     "OUTPUTS",
     "ExportedModel",
     "fastest_micro_batch",
+    "feature_names",
     "main",
     "resize_image",
     "run_in_chunks",
@@ -63,14 +67,26 @@ METADATA_KEY = "vitqc"
 FORMAT = "vitqc-onnx"
 FORMAT_VERSION = 1
 OUTPUTS = ("score", "normalized_score", "map", "defective")
-#: Images per graph call that ``ExportedModel`` chooses among, by timing them once, when
-#: a batch first needs it. On one CPU thread onnxruntime's backbone time per image grows
-#: with the batch (activations leave the cache), while a head with large per-position
-#: statistics (the GMM's) reads them once per call and prefers larger batches: which wins
-#: depends on the model and the machine.
+#: Graph outputs holding the backbone's feature maps (listed under the metadata's
+#: ``features``; files exported before them have none and run whole).
+FEATURE_OUTPUT = "features_{}"
+#: Images per backbone call that ``ExportedModel`` chooses among, by timing them once,
+#: when a batch first needs it. On one CPU thread onnxruntime's backbone time per image
+#: grows with the batch (activations leave the cache), while a head with large
+#: per-position statistics (the GMM's) reads them once per call and prefers larger
+#: batches: a batch's graph is therefore split at the feature maps, the backbone run in
+#: micro-batches and the head on the whole batch (``HEAD_BATCH``).
 MICRO_BATCH_CHOICES = (1, 4)
 #: The largest choice: what a batch runs in when no choice is made.
 MICRO_BATCH = max(MICRO_BATCH_CHOICES)
+#: Images per call of a split graph's head (``ExportedModel``): the whole batch up to
+#: this, so per-position statistics are read once for many images.
+HEAD_BATCH = 64
+
+
+def feature_names(n: int) -> list[str]:
+    """The names of ``n`` feature-map outputs of an exported graph."""
+    return [FEATURE_OUTPUT.format(i) for i in range(n)]
 
 
 def run_in_chunks(
@@ -85,6 +101,34 @@ def run_in_chunks(
         for start in range(0, max(1, len(batch)), chunk)
     ]
     return parts[0] if len(parts) == 1 else [np.concatenate(v) for v in zip(*parts, strict=True)]
+
+
+def run_head(
+    session: Any, features: Sequence[np.ndarray], names: Sequence[str], chunk: int = HEAD_BATCH
+) -> list[np.ndarray]:
+    """The head part of a split graph on feature maps ``features`` (inputs ``names``),
+    ``chunk`` images per call: its ``OUTPUTS``, concatenated over the batch."""
+    parts = [
+        session.run(
+            list(OUTPUTS),
+            {k: f[start : start + chunk] for k, f in zip(names, features, strict=True)},
+        )
+        for start in range(0, max(1, len(features[0])), chunk)
+    ]
+    return parts[0] if len(parts) == 1 else [np.concatenate(v) for v in zip(*parts, strict=True)]
+
+
+def split_graph(path: str | Path, features: Sequence[str]) -> tuple[bytes, bytes]:
+    """An exported graph cut at its feature maps: the backbone (``image`` -> the
+    ``features`` outputs) and the head (those -> ``OUTPUTS``), as serialized ONNX models
+    (``onnx.utils.Extractor``)."""
+    import onnx
+    from onnx.utils import Extractor
+
+    extractor = Extractor(onnx.load(str(path)))
+    backbone = extractor.extract_model(["image"], list(features))
+    head = extractor.extract_model(list(features), list(OUTPUTS))
+    return backbone.SerializeToString(), head.SerializeToString()
 
 
 def fastest_micro_batch(
@@ -136,9 +180,16 @@ class ExportedModel:
     """An exported vitqc model in an onnxruntime session, with its metadata (``info``)."""
 
     def __init__(
-        self, path: str | Path, threads: int | None = None, micro_batch: int | None = None
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        micro_batch: int | None = None,
+        split: bool = True,
     ) -> None:
-        """``micro_batch``: images per graph call (None: ``micro_batch`` chooses)."""
+        """``micro_batch``: images per backbone call (None: ``micro_batch`` chooses).
+        ``split``: a batch runs its backbone in micro-batches and its head on the whole
+        batch (``HEAD_BATCH`` at a time), as eager vitqc does, where the file names its
+        feature maps; otherwise the whole graph runs in micro-batches."""
         try:
             import onnxruntime as ort
         except ImportError as exc:  # pragma: no cover - a dependency
@@ -151,6 +202,7 @@ class ExportedModel:
         if threads:
             options.intra_op_num_threads = int(threads)
             options.inter_op_num_threads = 1
+        self._options = options
         try:
             self.session = ort.InferenceSession(
                 str(self.path), options, providers=["CPUExecutionProvider"]
@@ -177,23 +229,51 @@ class ExportedModel:
         self.map_low = float(info["map_low"])
         self.min_area = float(info.get("min_area") or 0.0)
         self._micro_batch = None if micro_batch is None else max(1, int(micro_batch))
+        features = info.get("features") or []
+        #: the feature-map outputs where a batch's graph is split (none: it runs whole)
+        self.features: list[str] = list(features) if split and set(features) <= names else []
+        self._split: tuple[Any, Any] | None = None
         self._choosing = threading.Lock()
+
+    def split_sessions(self) -> tuple[Any, Any]:
+        """The backbone and head sessions of the split graph, made when first needed
+        (the first batch of more than one image): a model only ever given single images
+        holds one session."""
+        import onnxruntime as ort
+
+        with self._choosing:
+            if self._split is None:
+                parts = split_graph(self.path, self.features)
+                self._split = tuple(  # type: ignore[assignment]
+                    ort.InferenceSession(part, self._options, providers=["CPUExecutionProvider"])
+                    for part in parts
+                )
+        return self._split  # type: ignore[return-value]
 
     @property
     def micro_batch(self) -> int:
-        """Images per graph call: as given, or the fastest of ``MICRO_BATCH_CHOICES`` on
-        this machine, timed on blank images once, when first needed (the first batch of
-        more than one image): a model only ever given single images never times it."""
+        """Images per backbone call (per graph call for a graph that runs whole): as
+        given, or the fastest of ``MICRO_BATCH_CHOICES`` on this machine, timed on blank
+        images once, when first needed (the first batch of more than one image)."""
+        session = self.split_sessions()[0] if self.features else self.session
         with self._choosing:
             if self._micro_batch is None:
-                self._micro_batch = fastest_micro_batch(self.session, self.input_size)
+                self._micro_batch = fastest_micro_batch(session, self.input_size)
         return self._micro_batch
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """The graph on ``[N, 3, h, w]`` float32 in [0, 1]: its four outputs by name
-        (computed ``micro_batch`` images at a time; each image scores on its own)."""
-        chunk = self.micro_batch if len(batch) > 1 else 1
-        values = run_in_chunks(self.session, batch, chunk, OUTPUTS)
+        """The graph on ``[N, 3, h, w]`` float32 in [0, 1]: its four outputs by name. A
+        single image runs the whole graph; a batch runs the backbone ``micro_batch``
+        images at a time and the head on the whole batch (each image scores on its own:
+        the same values either way)."""
+        if len(batch) <= 1:
+            values = run_in_chunks(self.session, batch, 1, OUTPUTS)
+        elif self.features:
+            backbone, head = self.split_sessions()
+            features = run_in_chunks(backbone, batch, self.micro_batch)
+            values = run_head(head, features, self.features)
+        else:
+            values = run_in_chunks(self.session, batch, self.micro_batch, OUTPUTS)
         return dict(zip(OUTPUTS, values, strict=True))
 
     def score_images(
