@@ -27,10 +27,12 @@ from vitqc.export import METADATA_KEY, bundle_id, export_bundle, export_onnx
 from vitqc.heads.neighbours import GROUP, export_search, resolve_search
 from vitqc.pipeline import FitOptions, fit, predict_images
 from vitqc.runtime import (
+    HEAD_BATCH_CHOICES,
     MICRO_BATCH,
     MICRO_BATCH_CHOICES,
     OUTPUTS,
     ExportedModel,
+    fastest_head_batch,
     fastest_micro_batch,
     feature_names,
     resize_image,
@@ -220,14 +222,14 @@ def test_batch_of_one_and_of_eight_agree(exported, images):
     assert _rel(odd["score"], eight["score"][: MICRO_BATCH + 1]) <= 1e-5
 
 
-def test_a_batch_runs_its_backbone_in_micro_batches_and_its_head_whole(exported, images):
+def test_a_batch_runs_backbone_and_head_in_calls_of_their_own_size(exported, images):
     """The graph's feature-map outputs are the backbone's features; cut there, a batch
-    runs the backbone part ``micro_batch`` images at a time and the head part on the
-    whole batch, with the outputs of the whole graph. A single image, or a model told
-    not to split, runs the whole graph and never builds the parts."""
+    runs the backbone part ``micro_batch`` images at a time and the head part
+    ``head_batch`` at a time, with the outputs of the whole graph. A single image, or a
+    model told not to split, runs the whole graph and never builds the parts."""
     _, model, _, onnx_path, _ = exported
     x = np.stack([resize_image(read_image(p), model.input_size) for p in images[:8]])
-    split = ExportedModel(onnx_path, threads=1, micro_batch=1)
+    split = ExportedModel(onnx_path, threads=1, micro_batch=1, head_batch=3)
     split.run(x[:1])
     assert split._split is None  # one image: the whole graph, no parts built
     backbone, head = split.split_sessions()
@@ -242,12 +244,15 @@ def test_a_batch_runs_its_backbone_in_micro_batches_and_its_head_whole(exported,
         assert float(np.abs(got - want.numpy()).max()) <= 1e-4 * float(want.abs().max())
     whole = ExportedModel(onnx_path, threads=1, micro_batch=8, split=False)
     assert whole.features == []
-    parts, one_call = split.run(x), whole.run(x)
+    parts, one_call = split.run(x), whole.run(x)  # head calls of 3, 3 and 2 images
     assert whole._split is None
     for name in OUTPUTS:
         np.testing.assert_allclose(parts[name], one_call[name], rtol=1e-5, atol=1e-6)
-    ref = [run_head(head, [f[i : i + 1] for f in ort_features], split.features) for i in (0, 7)]
+    ref = [run_head(head, [f[i : i + 1] for f in ort_features], split.features, 1) for i in (0, 7)]
     np.testing.assert_allclose(parts["score"][[0, 7]], [r[0][0] for r in ref], rtol=1e-5)
+    timed = ExportedModel(onnx_path, threads=1)
+    assert timed.head_batch in HEAD_BATCH_CHOICES  # timed once on blank features
+    assert fastest_head_batch(head, choices=(2,)) == 2
 
 
 def test_fastest_micro_batch_is_timed_on_the_session(exported):

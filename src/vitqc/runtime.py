@@ -22,8 +22,9 @@ the scale is strictly increasing above ``map_low``, so the same images and pixel
 as with raw values (a ``--threshold`` at or below ``map_low`` makes the area rule count
 every pixel above ``map_low``).
 
-A batch of images runs as eager vitqc runs it: the backbone part of the graph a few
-images at a time, the head part on the whole batch (``ExportedModel.run``).
+A batch of images runs its graph in two parts, cut at the feature maps: the backbone a
+few images at a time and the head in calls of the size each runs fastest in
+(``ExportedModel.run``).
 
 Only torch-free vitqc modules are imported: ``vitqc.data.io`` (reading images, as
 ``vitqc predict`` does), ``vitqc.decision`` and ``vitqc.errors``.
@@ -52,14 +53,18 @@ __all__ = [
     "FORMAT_VERSION",
     "METADATA_KEY",
     "MICRO_BATCH",
+    "HEAD_BATCH_CHOICES",
     "MICRO_BATCH_CHOICES",
     "OUTPUTS",
     "ExportedModel",
+    "fastest_head_batch",
     "fastest_micro_batch",
     "feature_names",
     "main",
     "resize_image",
+    "run_head",
     "run_in_chunks",
+    "split_graph",
 ]
 
 #: The ONNX file format shared with ``vitqc.export`` (defined here: this module has no torch)
@@ -75,13 +80,15 @@ FEATURE_OUTPUT = "features_{}"
 #: grows with the batch (activations leave the cache), while a head with large
 #: per-position statistics (the GMM's) reads them once per call and prefers larger
 #: batches: a batch's graph is therefore split at the feature maps, the backbone run in
-#: micro-batches and the head on the whole batch (``HEAD_BATCH``).
+#: micro-batches and the head in calls of its own size (``HEAD_BATCH_CHOICES``).
 MICRO_BATCH_CHOICES = (1, 4)
 #: The largest choice: what a batch runs in when no choice is made.
 MICRO_BATCH = max(MICRO_BATCH_CHOICES)
-#: Images per call of a split graph's head (``ExportedModel``): the whole batch up to
-#: this, so per-position statistics are read once for many images.
-HEAD_BATCH = 64
+#: Images per call of a split graph's head that ``ExportedModel`` chooses among, timed
+#: once: per-position statistics (the GMM's 72 MB whitening) are read once per call and
+#: favour large calls, while a knn search's products grow with the call (784 x 4096 int32
+#: per image and bank block) and favour single images.
+HEAD_BATCH_CHOICES = (1, 4, 32)
 
 
 def feature_names(n: int) -> list[str]:
@@ -104,7 +111,7 @@ def run_in_chunks(
 
 
 def run_head(
-    session: Any, features: Sequence[np.ndarray], names: Sequence[str], chunk: int = HEAD_BATCH
+    session: Any, features: Sequence[np.ndarray], names: Sequence[str], chunk: int
 ) -> list[np.ndarray]:
     """The head part of a split graph on feature maps ``features`` (inputs ``names``),
     ``chunk`` images per call: its ``OUTPUTS``, concatenated over the batch."""
@@ -129,6 +136,28 @@ def split_graph(path: str | Path, features: Sequence[str]) -> tuple[bytes, bytes
     backbone = extractor.extract_model(["image"], list(features))
     head = extractor.extract_model(list(features), list(OUTPUTS))
     return backbone.SerializeToString(), head.SerializeToString()
+
+
+def fastest_head_batch(
+    session: Any, choices: Sequence[int] = HEAD_BATCH_CHOICES, repeats: int = 1
+) -> int:
+    """The head call size of ``choices`` with the lowest time per image: one call of that
+    many blank images each (after one to warm up), best of ``repeats``, alternating."""
+    inputs = session.get_inputs()
+    names = [i.name for i in inputs]
+    shapes = [tuple(i.shape[1:]) for i in inputs]
+    if not all(isinstance(d, int) for shape in shapes for d in shape):
+        return max(choices)  # not a vitqc graph's fixed feature shapes: one call
+    blank = [np.zeros((max(choices), *shape), np.float32) for shape in shapes]
+    best: dict[int, float] = {}
+    for rep in range(repeats + 1):
+        for chunk in choices:
+            start = time.perf_counter()
+            run_head(session, [b[:chunk] for b in blank], names, chunk)
+            if rep:  # the first round warms up (onnxruntime allocates per shape)
+                per_image = (time.perf_counter() - start) / chunk
+                best[chunk] = min(best.get(chunk, np.inf), per_image)
+    return min(choices, key=lambda chunk: best[chunk])
 
 
 def fastest_micro_batch(
@@ -185,10 +214,11 @@ class ExportedModel:
         threads: int | None = None,
         micro_batch: int | None = None,
         split: bool = True,
+        head_batch: int | None = None,
     ) -> None:
         """``micro_batch``: images per backbone call (None: ``micro_batch`` chooses).
-        ``split``: a batch runs its backbone in micro-batches and its head on the whole
-        batch (``HEAD_BATCH`` at a time), as eager vitqc does, where the file names its
+        ``split``: a batch runs its backbone in micro-batches and its head in calls of
+        ``head_batch`` images (None: ``head_batch`` chooses), where the file names its
         feature maps; otherwise the whole graph runs in micro-batches."""
         try:
             import onnxruntime as ort
@@ -233,6 +263,7 @@ class ExportedModel:
         #: the feature-map outputs where a batch's graph is split (none: it runs whole)
         self.features: list[str] = list(features) if split and set(features) <= names else []
         self._split: tuple[Any, Any] | None = None
+        self._head_batch = None if head_batch is None else max(1, int(head_batch))
         self._choosing = threading.Lock()
 
     def split_sessions(self) -> tuple[Any, Any]:
@@ -243,12 +274,12 @@ class ExportedModel:
 
         with self._choosing:
             if self._split is None:
-                parts = split_graph(self.path, self.features)
-                self._split = tuple(  # type: ignore[assignment]
+                backbone, head = (
                     ort.InferenceSession(part, self._options, providers=["CPUExecutionProvider"])
-                    for part in parts
+                    for part in split_graph(self.path, self.features)
                 )
-        return self._split  # type: ignore[return-value]
+                self._split = (backbone, head)
+            return self._split
 
     @property
     def micro_batch(self) -> int:
@@ -261,17 +292,28 @@ class ExportedModel:
                 self._micro_batch = fastest_micro_batch(session, self.input_size)
         return self._micro_batch
 
+    @property
+    def head_batch(self) -> int:
+        """Images per call of the split graph's head: as given, or the fastest of
+        ``HEAD_BATCH_CHOICES`` on this machine, timed on blank features once, when a
+        batch first needs it."""
+        head = self.split_sessions()[1]
+        with self._choosing:
+            if self._head_batch is None:
+                self._head_batch = fastest_head_batch(head)
+        return self._head_batch
+
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """The graph on ``[N, 3, h, w]`` float32 in [0, 1]: its four outputs by name. A
         single image runs the whole graph; a batch runs the backbone ``micro_batch``
-        images at a time and the head on the whole batch (each image scores on its own:
-        the same values either way)."""
+        images at a time and the head ``head_batch`` at a time (each image scores on its
+        own: the same values either way)."""
         if len(batch) <= 1:
             values = run_in_chunks(self.session, batch, 1, OUTPUTS)
         elif self.features:
             backbone, head = self.split_sessions()
             features = run_in_chunks(backbone, batch, self.micro_batch)
-            values = run_head(head, features, self.features)
+            values = run_head(head, features, self.features, self.head_batch)
         else:
             values = run_in_chunks(self.session, batch, self.micro_batch, OUTPUTS)
         return dict(zip(OUTPUTS, values, strict=True))
