@@ -325,7 +325,7 @@ class ExportedModel:
         min_area: float | None = None,
         maps: bool = False,
     ) -> list[dict[str, Any]]:
-        """Rows for uint8 images of any size (one graph call for the batch). With
+        """Rows for uint8 images of any size (one ``run`` for the batch). With
         ``maps``, each row also holds ``map``: the graph's ``[h, w]`` anomaly map (float32,
         the operator scale of the stored threshold)."""
         if not images:
