@@ -261,8 +261,8 @@ def export_metadata(model: AnomalyModel, meta: dict[str, Any]) -> dict[str, Any]
             "map": "anomaly map [N, H, W] on the operator scale",
             "defective": "score > threshold [N] (bool, stored threshold)",
             "features_*": "the backbone's feature maps, the head's inputs (listed under "
-            "'features'): vitqc.runtime runs a batch's backbone in micro-batches and its "
-            "head on the whole batch",
+            "'features'): vitqc.runtime runs a batch's backbone and head in calls of "
+            "their own sizes",
         },
         "normalized_score": "u = (s - map_low) / (threshold - map_low); "
         "clip(u, 0, 1) / 2 for u <= 1, 1 - 1 / (2 u) above (vitqc.decision.operator_score)",

@@ -37,7 +37,7 @@ import json
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,18 +96,26 @@ def feature_names(n: int) -> list[str]:
     return [FEATURE_OUTPUT.format(i) for i in range(n)]
 
 
+def _run_in_calls(
+    session: Any, inputs: dict[str, np.ndarray], chunk: int, outputs: Sequence[str] | None
+) -> list[np.ndarray]:
+    """``session`` on ``inputs`` (arrays sharing their first, batch axis) ``chunk`` images
+    per call, its outputs (all of them, or ``outputs``) concatenated over the batch."""
+    names = list(outputs) if outputs is not None else None
+    n = len(next(iter(inputs.values())))
+    parts = [
+        session.run(names, {k: v[start : start + chunk] for k, v in inputs.items()})
+        for start in range(0, max(1, n), chunk)
+    ]
+    return parts[0] if len(parts) == 1 else [np.concatenate(v) for v in zip(*parts, strict=True)]
+
+
 def run_in_chunks(
     session: Any, batch: np.ndarray, chunk: int = MICRO_BATCH, outputs: Sequence[str] | None = None
 ) -> list[np.ndarray]:
     """An onnxruntime ``session`` on ``batch`` (input ``image``, float32) ``chunk`` images
     per call, its outputs concatenated over the batch (all of them, or ``outputs``)."""
-    batch = np.asarray(batch, np.float32)
-    names = list(outputs) if outputs is not None else None
-    parts = [
-        session.run(names, {"image": batch[start : start + chunk]})
-        for start in range(0, max(1, len(batch)), chunk)
-    ]
-    return parts[0] if len(parts) == 1 else [np.concatenate(v) for v in zip(*parts, strict=True)]
+    return _run_in_calls(session, {"image": np.asarray(batch, np.float32)}, chunk, outputs)
 
 
 def run_head(
@@ -115,14 +123,7 @@ def run_head(
 ) -> list[np.ndarray]:
     """The head part of a split graph on feature maps ``features`` (inputs ``names``),
     ``chunk`` images per call: its ``OUTPUTS``, concatenated over the batch."""
-    parts = [
-        session.run(
-            list(OUTPUTS),
-            {k: f[start : start + chunk] for k, f in zip(names, features, strict=True)},
-        )
-        for start in range(0, max(1, len(features[0])), chunk)
-    ]
-    return parts[0] if len(parts) == 1 else [np.concatenate(v) for v in zip(*parts, strict=True)]
+    return _run_in_calls(session, dict(zip(names, features, strict=True)), chunk, OUTPUTS)
 
 
 def split_graph(path: str | Path, features: Sequence[str]) -> tuple[bytes, bytes]:
@@ -138,26 +139,39 @@ def split_graph(path: str | Path, features: Sequence[str]) -> tuple[bytes, bytes
     return backbone.SerializeToString(), head.SerializeToString()
 
 
+def _fastest_choice(choices: Sequence[int], run: Callable[[int], int], repeats: int) -> int:
+    """The choice whose ``run(choice)`` (which returns how many images it ran) took the
+    least time per image: each choice run once to warm up (onnxruntime allocates on its
+    first call of a shape), then the best of ``repeats`` alternating timings."""
+    for choice in choices:
+        run(choice)
+    best: dict[int, float] = {}
+    for _ in range(repeats):
+        for choice in choices:
+            start = time.perf_counter()
+            images = run(choice)
+            per_image = (time.perf_counter() - start) / images
+            best[choice] = min(best.get(choice, np.inf), per_image)
+    return min(choices, key=lambda choice: best[choice])
+
+
 def fastest_head_batch(
     session: Any, choices: Sequence[int] = HEAD_BATCH_CHOICES, repeats: int = 1
 ) -> int:
-    """The head call size of ``choices`` with the lowest time per image: one call of that
-    many blank images each (after one to warm up), best of ``repeats``, alternating."""
+    """The head call size of ``choices`` with the lowest time per image, one call of that
+    many blank feature maps each (``_fastest_choice``)."""
     inputs = session.get_inputs()
-    names = [i.name for i in inputs]
     shapes = [tuple(i.shape[1:]) for i in inputs]
     if not all(isinstance(d, int) for shape in shapes for d in shape):
         return max(choices)  # not a vitqc graph's fixed feature shapes: one call
-    blank = [np.zeros((max(choices), *shape), np.float32) for shape in shapes]
-    best: dict[int, float] = {}
-    for rep in range(repeats + 1):
-        for chunk in choices:
-            start = time.perf_counter()
-            run_head(session, [b[:chunk] for b in blank], names, chunk)
-            if rep:  # the first round warms up (onnxruntime allocates per shape)
-                per_image = (time.perf_counter() - start) / chunk
-                best[chunk] = min(best.get(chunk, np.inf), per_image)
-    return min(choices, key=lambda chunk: best[chunk])
+    n = max(choices)
+    blank = {i.name: np.zeros((n, *s), np.float32) for i, s in zip(inputs, shapes, strict=True)}
+
+    def run(chunk: int) -> int:
+        _run_in_calls(session, {k: v[:chunk] for k, v in blank.items()}, chunk, OUTPUTS)
+        return chunk
+
+    return _fastest_choice(choices, run, repeats)
 
 
 def fastest_micro_batch(
@@ -167,18 +181,14 @@ def fastest_micro_batch(
     repeats: int = 2,
 ) -> int:
     """The chunk size of ``choices`` with the lowest time per image on a blank batch of
-    ``max(choices)`` images (each size warmed up once: onnxruntime allocates on its first
-    call of a shape; then the best of ``repeats`` alternating timings)."""
+    ``max(choices)`` images (``_fastest_choice``)."""
     batch = np.zeros((max(choices), 3, int(input_size[0]), int(input_size[1])), np.float32)
-    best: dict[int, float] = {}
-    for chunk in choices:
+
+    def run(chunk: int) -> int:
         run_in_chunks(session, batch, chunk)
-    for _ in range(repeats):
-        for chunk in choices:
-            start = time.perf_counter()
-            run_in_chunks(session, batch, chunk)
-            best[chunk] = min(best.get(chunk, np.inf), time.perf_counter() - start)
-    return min(choices, key=lambda chunk: best[chunk])
+        return len(batch)
+
+    return _fastest_choice(choices, run, repeats)
 
 
 def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
