@@ -22,7 +22,10 @@ the ms the medians), so the machine's drift between models does not fall on the 
 (one timing of the backbone for all models moved by 10-40 % from run to run). The goals:
 the head adds at most 15 % (knn, gmm, gaussian), the flow at most its share of the FLOPs
 plus 15 % (FLOPs of backbone and head printed, counted by ``torch.utils.flop_counter``),
-and batch 32 per image not above batch 1. Run:
+and batch 32 per image not above batch 1. For the density heads, which read every
+constant once per call, it also prints the head's constants (torch state and exported
+graph) and the batch-1 ratio that reading them at this machine's memory speed (a sum over
+256 MB, the same threads) allows at best: the backbone evicts them from cache. Run:
 .venv/bin/python benchmarks/bench_inference.py [--backbone NAME] [--heads flow,gmm,knn]
     [--layers 7] [--image-size 448]
     [--data ../shared/data/kolektorsdd --cache-dir DIR] [--bundle knn=DIR] [--rounds 3]
@@ -33,12 +36,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
+from onnx import numpy_helper
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -52,7 +58,13 @@ from vitqc.export import export_onnx, trace_to_onnx
 from vitqc.heads import parse_head
 from vitqc.heads.neighbours import export_search, resolve_search
 from vitqc.pipeline import FitOptions, fit
-from vitqc.runtime import ExportedModel, fastest_micro_batch, run_in_chunks
+from vitqc.runtime import (
+    ExportedModel,
+    fastest_micro_batch,
+    feature_names,
+    run_in_chunks,
+    split_graph,
+)
 from vitqc.scoring import AnomalyModel
 
 BATCHES = (1, 32)
@@ -117,6 +129,28 @@ def _flops(fn, *args) -> int:
     return counter.get_total_flops()
 
 
+def _memory_gb_per_s(megabytes: int = 256) -> float:
+    """Memory read speed in GB/s: a sum over a tensor far larger than the caches."""
+    values = torch.ones(megabytes * 2**20 // 4)
+    values.sum()
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        values.sum()
+        times.append(time.perf_counter() - start)
+    return values.numel() * 4 / statistics.median(times) / 1e9
+
+
+def _constant_bytes(model: AnomalyModel, onnx_path: Path, n_features: int) -> tuple[int, int]:
+    """Bytes of the head's constants: its torch state, and the exported graph's head part
+    (``runtime.split_graph``): its initializers and ``Constant`` nodes."""
+    state = sum(t.numel() * t.element_size() for t in model.head.state_dict().values())
+    head = onnx.load_from_string(split_graph(onnx_path, feature_names(n_features))[1]).graph
+    tensors = [*head.initializer]
+    tensors += [a.t for node in head.node if node.op_type == "Constant" for a in node.attribute]
+    return state, sum(numpy_helper.to_array(t).nbytes for t in tensors if t.dims)
+
+
 def _goal(head: str, ratios: tuple[float, float], flops_share: float) -> str:
     limit = 1.15 + (flops_share if head == "flow" else 0.0)
     met = "met" if max(ratios) <= limit else "NOT met"
@@ -146,6 +180,8 @@ def main() -> None:
     bundles = dict(item.split("=", 1) for item in args.bundle)
     layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
     print(f"torch threads: {torch.get_num_threads()} (ONNX Runtime {ort.__version__}: the same)")
+    memory_speed = _memory_gb_per_s()
+    print(f"memory read speed: {memory_speed:.1f} GB/s")
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data or generate_synthetic(
             Path(tmp) / "data", n_train=40, n_test_good=2, n_test_defective=2, size=224, seed=0
@@ -211,6 +247,17 @@ def main() -> None:
             search = resolve_search(mode or "exact")
             counted = " (faiss: n/a)" if search.startswith("faiss") else ""
             print(f"  {head}: head FLOPs {share:.1%} of the backbone's{counted}")
+            if mode is None:  # a search reads its float32 bank only at its candidates
+                constants = _constant_bytes(model, onnx_path, len(features))
+                floors = [
+                    1 + size / (memory_speed * 1e6) / ms[f"{runtime} backbone"][1]
+                    for size, runtime in zip(constants, RUNTIMES, strict=True)
+                ]
+                print(
+                    f"  {head}: head constants {constants[0] / 1e6:.1f} MB (torch), "
+                    f"{constants[1] / 1e6:.1f} MB (graph); read once per call they bound "
+                    f"x bb at b1 to >= {floors[0]:.2f} (torch), {floors[1]:.2f} (onnxrt)"
+                )
             for runtime in RUNTIMES:
                 if mode is not None:  # the knn's search in each runtime
                     runtime_search = export_search(mode) if runtime == "onnxrt" else search
