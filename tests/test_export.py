@@ -117,8 +117,13 @@ def test_onnx_runtime_matches_torch(exported, images):
     finally:
         if head == "knn":
             model.head.set_search(default)
-    if head == "knn":  # each candidate search against the exact one: near ties only
-        tolerance = {"exact": 0.0, "bfloat16": 5e-3, "int8": 2e-2}
+    if head == "knn":  # each candidate search against the exact one: never nearer
+        # (candidates are measured in float32); bfloat16 misses only near ties, int8 runs
+        # on 64 principal axes of this random-weight model's 152-dimension bank, whose
+        # spread they hold less well than a real one's (measured: 0.086)
+        tolerance = {"exact": 0.0, "bfloat16": 5e-3, "int8": 0.1}
+        for found in (default_maps, maps):
+            assert torch.all(found >= exact_maps - 1e-4)
         assert _rel(default_maps.numpy(), exact_maps.numpy()) <= tolerance[resolve_search(default)]
         assert _rel(maps.numpy(), exact_maps.numpy()) <= tolerance["int8"]
     threshold = float(model.threshold)
@@ -402,6 +407,16 @@ def test_knn_graph_searches_with_int8_products(exported, tmp_path):
     assert default.count("ArgMax") == blocks + grouped
     assert default.count("QuantizeLinear") == 1
     assert "Gemm" not in default
+    # on the bank's first 64 principal axes: the queries' projection is one MatMul, and
+    # the integer rows are 64 + the norm's columns wide
+    int8 = model.head.int8_bank()
+    assert int8.projection.shape == (sum(model.head.feature_channels), 64)
+    assert all(rows.shape[0] == 80 for rows in int8.blocks)
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    quantize = next(node for node in graph.node if node.op_type == "QuantizeLinear")
+    keys = producer[quantize.input[0]]  # the projected queries and the norm's columns
+    assert keys.op_type == "Concat" and producer[keys.input[0]].op_type == "MatMul"
     search = model.head.search
     model.head.set_search("exact")
     try:

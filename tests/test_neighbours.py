@@ -156,6 +156,59 @@ def test_int8_products_rank_by_distance_and_candidates_are_measured_exactly(
     assert np.all(far.numpy() >= _brute_force(queries * 3, bank)[0] * (1 - 1e-4) - 1e-3)
 
 
+def test_int8_search_on_principal_axes(bank_and_queries) -> None:
+    """With ``dims`` the int8 products run on the bank's first principal axes: the rows
+    rank entries by ``|b - mu|^2 - 2 q'.b'`` for the projected query ``q'``, every found
+    distance is still a true one (measured in full), and most are the nearest (recall
+    stated). ``dims`` at or above the bank's width, or 0, projects nothing."""
+    bank, queries = bank_and_queries
+    want, _ = _brute_force(queries, bank)
+    q, b = torch.from_numpy(queries), torch.from_numpy(bank)
+    b_sq = b.pow(2).sum(1)
+    int8 = int8_search_bank(b, b_sq, dims=24)
+    centre, axes = int8.centre, int8.projection
+    assert axes.shape == (48, 24)
+    torch.testing.assert_close(axes.T @ axes, torch.eye(24), rtol=0, atol=1e-5)
+    spread = ((b - centre) @ axes).var(0)
+    assert torch.all(spread[:-1] >= spread[1:])  # largest variance first
+    keys = int8.keys(q)
+    torch.testing.assert_close(keys[:, :24], (q - centre) @ axes)
+    rows = torch.cat(int8.blocks, 1)
+    assert rows.shape[0] == 32  # 24 axes + the norm's integer columns, padded to 16
+    products = torch.round(keys / int8.scale).double() @ rows.double()
+    projected = ((q - centre) @ axes).double() @ ((b - centre) @ axes).double().T
+    want_products = (projected - (b - centre).pow(2).sum(1).double() / 2) / int8.scale**2
+    error = (products - want_products).abs().max() * int8.scale**2
+    assert error <= 0.02 * float((b - centre).pow(2).sum(1).mean())
+    # recall needs axes that hold the spread: clusters in a 16-dimensional subspace of
+    # the 48 plus isotropic noise (patch embeddings' variance also falls off across
+    # axes). Measured: recall@1 0.994 on 16 axes with blocks of 700 (nine candidates),
+    # 0.954 on 24 with blocks of 4096 (two), against 0.996 and 0.98 on all 48; 0.31 on 8
+    rng = np.random.default_rng(10)
+    basis = torch.from_numpy(np.linalg.qr(rng.standard_normal((48, 48)))[0][:, :16]).float()
+    flat_bank, flat_queries = (
+        torch.from_numpy(_clustered(n, 16, seed)) @ basis.T
+        + 0.3 * torch.from_numpy(rng.standard_normal((n, 48)).astype(np.float32))
+        for n, seed in ((6000, 0), (500, 1))
+    )
+    flat_want, _ = _brute_force(flat_queries.numpy(), flat_bank.numpy())
+    flat_sq = flat_bank.pow(2).sum(1)
+    for dims, block, min_recall in ((16, 700, 0.99), (24, 4096, 0.94), (8, 700, 0.0)):
+        blocked = int8_search_bank(flat_bank, flat_sq, block, dims)
+        found = int8_min_sq_distances(flat_queries, flat_bank, flat_sq, blocked).numpy()
+        assert np.all(found >= flat_want * (1 - 1e-4) - 1e-3)
+        recall = recall_of(found, flat_queries.numpy(), flat_bank.numpy())
+        assert recall >= min_recall, f"{dims} axes: recall@1 {recall:.3f}"
+        if dims == 8:  # fewer axes than the spread: most candidates miss
+            assert recall < 0.5
+    for dims in (0, 48, 64):
+        plain = int8_search_bank(b, b_sq, dims=dims)
+        assert plain.projection is None and plain.centre is None
+        torch.testing.assert_close(
+            torch.cat(plain.blocks, 1), torch.cat(int8_search_bank(b, b_sq).blocks, 1)
+        )
+
+
 def test_int8_block_argmax_is_the_first_largest_product() -> None:
     """The eager int8 search's per-block argmax (largest group of ``GROUP`` columns,
     then the largest column in it) gives ``argmax``'s column, the first of equal
@@ -286,6 +339,38 @@ def test_knn_head_search_modes() -> None:
     assert candidates.bfloat16_rows() is not rows
     moved = _exact_with_bank(heads["exact"], candidates.bank, test)
     torch.testing.assert_close(candidates(test), moved, rtol=5e-3, atol=0)
+
+
+def test_knn_head_int8_search_on_principal_axes() -> None:
+    """``search_dims`` below the embedding's width runs the int8 products on that many
+    principal axes of the bank; the head's maps stay true distances (never below the
+    exact ones; these isotropic features have no axes to spare, so most candidates
+    miss), the option travels in the config, and ``set_search`` changes it."""
+    train, test = _features(30, 0), _features(4, 1)
+    head = create_head("knn", [8, 16], [(8, 8), (4, 4)], coreset_ratio=0.5, search="int8")
+    assert head.search_dims == 64 and head.config()["search_dims"] == 64
+    head.search_dims = 12
+    head.eval().prepare(train)
+    assert head.int8_bank().projection.shape == (24, 12)
+    exact = _exact_with_bank(head, head.bank, test)
+    projected = head(test)
+    assert torch.all(projected >= exact - 1e-4)  # recall: test_int8_search_on_principal_axes
+    rebuilt = create_head("knn", [8, 16], [(8, 8), (4, 4)], **head.config())
+    rebuilt.load_state_dict(head.state_dict())
+    assert rebuilt.search_dims == 12
+    torch.testing.assert_close(rebuilt.eval()(test), projected, rtol=0, atol=0)
+    head.set_search("int8", search_dims=0)  # every dimension: a new int8 bank
+    assert head.int8_bank().projection is None
+    torch.testing.assert_close(head(test), create_head_int8(head)(test), rtol=0, atol=0)
+
+
+def create_head_int8(head) -> torch.nn.Module:
+    """A fresh int8 head on ``head``'s bank, searching every dimension."""
+    plain = create_head(
+        "knn", [8, 16], [(8, 8), (4, 4)], search="int8", search_dims=0, **_bank_config(head)
+    )
+    plain.load_state_dict(head.state_dict())
+    return plain.eval()
 
 
 def test_exact_search_keeps_the_float32_bank_until_the_bank_changes() -> None:
