@@ -70,7 +70,7 @@ from vitqc.scoring import AnomalyModel
 BATCHES = (1, 32)
 RUNTIMES = ("torch", "onnxrt")
 PARTS = ("torch backbone", "torch", "onnxrt backbone", "onnxrt")
-SEARCH_OPTIONS = {"search", "ef_search", "nprobe"}
+SEARCH_OPTIONS = {"search", "ef_search", "nprobe", "search_dims"}
 
 
 class _Backbone(nn.Module):
@@ -203,7 +203,7 @@ def main() -> None:
                 # a search variant of a fitted knn model: the same bank, searched otherwise
                 model, _ = load_bundle(bundles.get(head, bundles.get(name)))
                 if options:
-                    model.head.set_search(**options)
+                    model.head.set_search(options.pop("search", model.head.search), **options)
             else:
                 opts = FitOptions(
                     backbone=args.backbone,
