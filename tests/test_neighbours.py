@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from vitqc.errors import VitqcError
 from vitqc.heads import create_head, neighbours, parse_head
 from vitqc.heads.neighbours import (
     SEARCHES,
@@ -416,3 +417,6 @@ def test_search_option_parses_and_rejects() -> None:
     )
     with pytest.raises(Exception, match="search must be one of"):
         create_head("knn", [8], [(4, 4)], search="annoy")
+    assert parse_head("knn:search_dims=0") == ("knn", {"search_dims": 0})
+    with pytest.raises(VitqcError, match="--head knn: search_dims must be 0"):
+        create_head("knn", [8], [(4, 4)], search_dims=-1)

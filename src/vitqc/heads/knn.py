@@ -147,6 +147,8 @@ class KNNHead(Head):
             raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
         self.search = search
         self.search_params = SearchParams(ef_search=ef_search, nprobe=nprobe, seed=seed)
+        if search_dims < 0:
+            raise ValueError(f"search_dims must be 0 (every dimension) or more, got {search_dims}")
         #: principal axes of the bank the int8 search's products run on (0: all)
         self.search_dims = search_dims
         #: what is derived from the bank (the faiss index, the float32 and bfloat16

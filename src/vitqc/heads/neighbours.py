@@ -204,7 +204,8 @@ class Int8Bank:
     ``|b - mu|^2``; a query enters as ``(q - mu) P``. The largest product is then the
     entry with the smallest ``|b - mu|^2 - 2 q'.b'``, which is ``|q - b|^2`` less the
     query's own terms and the product of the two residuals off the axes: fewer integer
-    products, candidates a little less often the nearest entry."""
+    products, and candidates less often the nearest entry (a missed one is measured at
+    its true, larger distance)."""
 
     blocks: tuple[torch.Tensor, ...]
     scale: float
