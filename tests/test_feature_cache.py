@@ -77,7 +77,9 @@ def test_cached_features_equal_fresh_features_in_sample_order(setup) -> None:
     x01 = resize_batch([np.asarray(Image.open(s.path)) for s in order], ext.input_size)
     fresh = compute_features(ext, pre, x01)
     for a, b in zip(cached, fresh, strict=True):
-        assert torch.allclose(a, b, atol=1e-6)
+        # the same images in batches of 3 against one of 5: with more than one thread
+        # the convolutions may sum in another order (measured: 5.8e-6 at two threads)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_changed_image_bytes_are_recomputed(setup) -> None:
