@@ -348,9 +348,10 @@ def test_knn_head_int8_search_on_principal_axes() -> None:
     exact ones; these isotropic features have no axes to spare, so most candidates
     miss), the option travels in the config, and ``set_search`` changes it."""
     train, test = _features(30, 0), _features(4, 1)
-    head = create_head("knn", [8, 16], [(8, 8), (4, 4)], coreset_ratio=0.5, search="int8")
-    assert head.search_dims == 64 and head.config()["search_dims"] == 64
-    head.search_dims = 12
+    assert create_head("knn", [8, 16], [(8, 8), (4, 4)]).config()["search_dims"] == 64
+    head = create_head(
+        "knn", [8, 16], [(8, 8), (4, 4)], coreset_ratio=0.5, search="int8", search_dims=12
+    )
     head.eval().prepare(train)
     assert head.int8_bank().projection.shape == (24, 12)
     exact = _exact_with_bank(head, head.bank, test)
@@ -362,10 +363,10 @@ def test_knn_head_int8_search_on_principal_axes() -> None:
     torch.testing.assert_close(rebuilt.eval()(test), projected, rtol=0, atol=0)
     head.set_search("int8", search_dims=0)  # every dimension: a new int8 bank
     assert head.int8_bank().projection is None
-    torch.testing.assert_close(head(test), create_head_int8(head)(test), rtol=0, atol=0)
+    torch.testing.assert_close(head(test), _plain_int8_head(head)(test), rtol=0, atol=0)
 
 
-def create_head_int8(head) -> torch.nn.Module:
+def _plain_int8_head(head) -> torch.nn.Module:
     """A fresh int8 head on ``head``'s bank, searching every dimension."""
     plain = create_head(
         "knn", [8, 16], [(8, 8), (4, 4)], search="int8", search_dims=0, **_bank_config(head)
