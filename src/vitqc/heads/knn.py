@@ -194,8 +194,9 @@ class KNNHead(Head):
         if search not in SEARCHES:
             raise ValueError(f"search must be one of {', '.join(SEARCHES)}, got {search!r}")
         self.search = search
-        if search_dims is not None:
+        if search_dims is not None and search_dims != self.search_dims:
             self.search_dims = search_dims
+            self._derived.drop("int8_bank")
         self.search_params = replace(self.search_params, **params)
         self._derived.drop("index")
 
@@ -222,8 +223,7 @@ class KNNHead(Head):
         """The bank as the int8 search takes it (``int8_search_bank``, on ``search_dims``
         principal axes)."""
         return self._from_bank(
-            f"int8_bank_{self.search_dims}",
-            lambda: int8_search_bank(*self.search_bank(), dims=self.search_dims),
+            "int8_bank", lambda: int8_search_bank(*self.search_bank(), dims=self.search_dims)
         )
 
     def prepare_export(self) -> None:

@@ -236,7 +236,8 @@ def int8_search_bank(
     """``Int8Bank`` of ``bank [M, D]`` (float32) with squared norms ``bank_sq``: one
     quantization step, the largest magnitude over 127 (queries beyond it saturate, which
     only changes which candidate the products pick; its distance is measured again).
-    ``0 < dims < D``: the products run on the bank's first ``dims`` principal axes."""
+    ``0 < dims < D``: the products run on the bank's first ``dims`` principal axes (the
+    norm columns then come from ``|b - mu|^2``, not ``bank_sq``)."""
     centre = projection = None
     if 0 < dims < bank.shape[1]:
         centre, projection = principal_axes(bank, dims)
