@@ -230,17 +230,22 @@ def test_a_batch_runs_backbone_and_head_in_calls_of_their_own_size(exported, ima
     """The graph's feature-map outputs are the backbone's features; cut there, a batch
     runs the backbone part ``micro_batch`` images at a time and the head part
     ``head_batch`` at a time, with the outputs of the whole graph. A single image, or a
-    model told not to split, runs the whole graph and never builds the parts."""
+    model told not to split, runs the whole graph and never builds the parts; once built,
+    the parts replace the whole graph's session and single images run through them."""
     _, model, _, onnx_path, _ = exported
     x = np.stack([resize_image(read_image(p), model.input_size) for p in images[:8]])
     split = ExportedModel(onnx_path, threads=1, micro_batch=1, head_batch=3)
-    split.run(x[:1])
+    one_image = split.run(x[:1])
     assert split._split is None  # one image: the whole graph, no parts built
+    ort_features = split.session.run(split.features, {"image": x})
     backbone, head = split.split_sessions()
+    assert split.session is None  # the parts replace the whole graph: constants held once
     assert [o.name for o in backbone.get_outputs()] == split.features
     assert [i.name for i in head.get_inputs()] == split.features
     assert [o.name for o in head.get_outputs()] == list(OUTPUTS)
-    ort_features = split.session.run(split.features, {"image": x})
+    through_parts = split.run(x[:1])  # one image after a batch's split: the parts
+    for name in OUTPUTS:
+        np.testing.assert_allclose(through_parts[name], one_image[name], rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         torch_features = model.features(torch.from_numpy(x))
     for got, want in zip(ort_features, torch_features, strict=True):
@@ -262,12 +267,12 @@ def test_a_batch_runs_backbone_and_head_in_calls_of_their_own_size(exported, ima
 def test_fastest_micro_batch_is_timed_on_the_session(exported):
     """The choice runs the real session on blank images and returns one of the sizes it
     was given (a single choice: that one); it is made only when a batch needs it."""
-    _, model, _, onnx_path, runtime = exported
+    _, model, _, onnx_path, _ = exported
     single = ExportedModel(onnx_path, threads=1)
     single.run(np.zeros((1, 3, *model.input_size), np.float32))
     assert single._micro_batch is None  # a single image never times the choice
-    assert fastest_micro_batch(runtime.session, model.input_size, choices=(2,)) == 2
-    chosen = fastest_micro_batch(runtime.session, model.input_size, choices=(1, 3), repeats=1)
+    assert fastest_micro_batch(single.session, model.input_size, choices=(2,)) == 2
+    chosen = fastest_micro_batch(single.session, model.input_size, choices=(1, 3), repeats=1)
     assert chosen in (1, 3)
 
 

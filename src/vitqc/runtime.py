@@ -244,7 +244,8 @@ class ExportedModel:
             options.inter_op_num_threads = 1
         self._options = options
         try:
-            self.session = ort.InferenceSession(
+            #: the whole graph's session; None once a batch has split it (``split_sessions``)
+            self.session: Any = ort.InferenceSession(
                 str(self.path), options, providers=["CPUExecutionProvider"]
             )
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf
@@ -278,8 +279,10 @@ class ExportedModel:
 
     def split_sessions(self) -> tuple[Any, Any]:
         """The backbone and head sessions of the split graph, made when first needed
-        (the first batch of more than one image): a model only ever given single images
-        holds one session."""
+        (the first batch of more than one image). They then replace the whole graph's
+        session (``session`` becomes None; single images run through the parts, as
+        fast), so the model holds its constants once: a model only ever given single
+        images holds one session, and so does one given batches."""
         import onnxruntime as ort
 
         with self._choosing:
@@ -289,6 +292,7 @@ class ExportedModel:
                     for part in split_graph(self.path, self.features)
                 )
                 self._split = (backbone, head)
+                self.session = None
             return self._split
 
     @property
@@ -315,17 +319,20 @@ class ExportedModel:
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """The graph on ``[N, 3, h, w]`` float32 in [0, 1]: its four outputs by name. A
-        single image runs the whole graph; a batch runs the backbone ``micro_batch``
-        images at a time and the head ``head_batch`` at a time (each image scores on its
-        own: the same values either way)."""
-        if len(batch) <= 1:
-            values = run_in_chunks(self.session, batch, 1, OUTPUTS)
+        single image runs the whole graph (its parts, once a batch has built them); a
+        batch runs the backbone ``micro_batch`` images at a time and the head
+        ``head_batch`` at a time (each image scores on its own: the same values either
+        way)."""
+        whole = self.session  # None once the split parts replace it
+        if len(batch) <= 1 and whole is not None:
+            values = run_in_chunks(whole, batch, 1, OUTPUTS)
         elif self.features:
             backbone, head = self.split_sessions()
-            features = run_in_chunks(backbone, batch, self.micro_batch)
-            values = run_head(head, features, self.features, self.head_batch)
+            single = len(batch) <= 1
+            features = run_in_chunks(backbone, batch, 1 if single else self.micro_batch)
+            values = run_head(head, features, self.features, 1 if single else self.head_batch)
         else:
-            values = run_in_chunks(self.session, batch, self.micro_batch, OUTPUTS)
+            values = run_in_chunks(whole, batch, self.micro_batch, OUTPUTS)
         return dict(zip(OUTPUTS, values, strict=True))
 
     def score_images(
