@@ -577,3 +577,41 @@ def test_runtime_matches_predict_on_real_images(exported, tmp_path):
         assert r["score"] == pytest.approx(p["score"], rel=rel), (head, r["file"])
         assert r["defective"] == p["defective"], (head, r["file"])
         assert r["normalized_score"] == pytest.approx(p["normalized_score"], abs=near)
+
+
+_ARENA_CHILD = """
+import sys
+import numpy as np
+from vitqc.runtime import OUTPUTS, ExportedModel, fastest_head_batch, run_head
+
+def rss_mb():
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+
+_, head = ExportedModel(sys.argv[1], threads=1).split_sessions()
+shapes = [(32, *i.shape[1:]) for i in head.get_inputs()]
+base = rss_mb()
+fastest_head_batch(head, choices=(1, 32), repeats=1)
+timed = rss_mb()
+run_head(head, [np.zeros(s, np.float32) for s in shapes], [i.name for i in head.get_inputs()], 32)
+print(timed - base, rss_mb() - timed)
+"""
+
+
+@pytest.mark.parametrize("exported", ["knn"], indirect=True)
+def test_choosing_the_head_batch_leaves_no_working_memory_behind(exported):
+    """The calls that time the head batch hand onnxruntime's arena memory back: a knn
+    head's products of 32 images at once (784 x bank entries each, int32) take tens of
+    MB that a model choosing single images would otherwise hold for good."""
+    _, _, _, onnx_path, _ = exported
+    out = subprocess.run(
+        [sys.executable, "-c", _ARENA_CHILD, str(onnx_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    after_timing, after_a_plain_call = (float(v) for v in out.stdout.split())
+    assert after_a_plain_call > 40, after_a_plain_call  # what a call of 32 holds on to
+    assert after_timing < after_a_plain_call / 4, (after_timing, after_a_plain_call)
