@@ -26,6 +26,8 @@ from vitqc.data.synth import png_bomb
 from vitqc.export import export_bundle
 from vitqc.pipeline import FitOptions, fit, predict_images
 from vitqc.runtime import ExportedModel
+from vitqc.serve.config import ServeConfig
+from vitqc.serve.service import InferenceService
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -355,3 +357,25 @@ def test_bad_command_lines_are_one_line_errors(fitted, tmp_path):
         err = proc.stderr.strip()
         assert proc.returncode == 2 and len(err.splitlines()) == 1, (args, err)
         assert err.startswith("error: ") and needle in err, err
+
+
+def test_warm_up_readies_the_batch_path_before_the_first_request(fitted):
+    """The warm-up runs a blank batch as well as a blank image: the graph is split and
+    its call sizes are chosen before a client's first batch would wait for them, and the
+    parts replace the whole graph's session (constants held once). With a batch limit
+    of one image the graph stays whole."""
+    _, _, runtime, _ = fitted
+    service = InferenceService(ServeConfig(model=runtime.path, threads=1))
+    try:
+        service.warm_up()
+        model = service.model
+        assert model.session is None and model.features
+        assert model._micro_batch is not None and model._head_batch is not None
+    finally:
+        service.close()
+    single = InferenceService(ServeConfig(model=runtime.path, threads=1, max_batch=1))
+    try:
+        single.warm_up()
+        assert single.model.session is not None and single.model._split is None
+    finally:
+        single.close()

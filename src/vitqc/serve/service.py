@@ -59,9 +59,16 @@ class InferenceService:
         self.started = time.time()
 
     def warm_up(self) -> None:
-        """One run on a blank image: onnxruntime allocates on its first call."""
+        """Runs on a blank image, then (where ``/predict/batch`` takes more than one) a
+        blank batch of two, before the first request: onnxruntime allocates on its
+        first call, and the first batch splits the graph and times its call sizes
+        (``ExportedModel.run``; seconds on a large model). The graph's parts then
+        serve single images too, so the model's constants are held once."""
         h, w = self.model.input_size
-        self.model.score_images([np.zeros((h, w, 3), dtype=np.uint8)])
+        blank = np.zeros((h, w, 3), dtype=np.uint8)
+        self.model.score_images([blank])
+        if self.config.max_batch > 1:
+            self.model.score_images([blank, blank])
 
     async def submit(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on a worker; ``Overloaded`` at once when no slot is free.
