@@ -415,7 +415,7 @@ def test_knn_graph_searches_with_int8_products(exported, tmp_path):
     # on the bank's first 64 principal axes: the queries' projection is one MatMul, and
     # the integer rows are 64 + the norm's columns wide
     int8 = model.head.int8_bank()
-    assert int8.projection.shape == (sum(model.head.feature_channels), 64)
+    assert int8.axes.projection.shape == (sum(model.head.feature_channels), 64)
     assert all(rows.shape[0] == 80 for rows in int8.blocks)
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     producer = {out: node for node in graph.node for out in node.output}

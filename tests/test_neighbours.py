@@ -99,7 +99,8 @@ def test_bfloat16_search_measures_its_candidates_exactly(bank_and_queries) -> No
     q, b = torch.from_numpy(queries), torch.from_numpy(bank)
     b_sq = b.pow(2).sum(1)
     rows = bfloat16_search_bank(b, b_sq)
-    assert rows.dtype == torch.bfloat16 and rows.shape == (6000, 64)  # 48 + 1 -> 64 wide
+    assert rows.rows.dtype == torch.bfloat16 and rows.rows.shape == (6000, 64)  # 48 + 1 -> 64
+    assert rows.axes.projection is None  # every dimension
     # measured on this data (tight clusters, many near ties): recall@1 0.976 with two
     # candidates per query (blocks of 4096), 0.994 with nine, 1.0 with 150; a missed
     # nearest entry is at most 0.21 % farther
@@ -157,6 +158,48 @@ def test_int8_products_rank_by_distance_and_candidates_are_measured_exactly(
     assert np.all(far.numpy() >= _brute_force(queries * 3, bank)[0] * (1 - 1e-4) - 1e-3)
 
 
+def _low_rank() -> tuple[torch.Tensor, torch.Tensor]:
+    """A bank of 6000 and 500 queries: clusters in a 16-dimensional subspace of 48
+    dimensions plus isotropic noise (patch embeddings' variance also falls off across
+    axes)."""
+    rng = np.random.default_rng(10)
+    basis = torch.from_numpy(np.linalg.qr(rng.standard_normal((48, 48)))[0][:, :16]).float()
+    bank, queries = (
+        torch.from_numpy(_clustered(n, 16, seed)) @ basis.T
+        + 0.3 * torch.from_numpy(rng.standard_normal((n, 48)).astype(np.float32))
+        for n, seed in ((6000, 0), (500, 1))
+    )
+    return bank, queries
+
+
+def test_bfloat16_search_on_principal_axes() -> None:
+    """With ``dims`` the bfloat16 products run on the bank's first principal axes, as the
+    int8 ones do: the rows are the projected entries with ``|b - mu|^2``, every found
+    distance is a true one (measured in full) and most are the nearest (recall stated)."""
+    bank, queries = _low_rank()
+    want, _ = _brute_force(queries.numpy(), bank.numpy())
+    bank_sq = bank.pow(2).sum(1)
+    projected = bfloat16_search_bank(bank, bank_sq, dims=16)
+    axes = projected.axes
+    assert projected.rows.shape == (6000, 32)  # 16 axes + the norm, padded to 32
+    torch.testing.assert_close(
+        projected.rows[:, :17].float(),
+        torch.cat([-2 * axes.project(bank), (bank - axes.centre).pow(2).sum(1, True)], 1),
+        rtol=1e-2,
+        atol=1e-2,
+    )
+    # measured: recall@1 0.998 on 16 axes with blocks of 700, 0.974 on 24 with 4096
+    # (0.992 on all 48), 0.28 on 8 (fewer axes than the spread)
+    for dims, block, min_recall in ((16, 700, 0.98), (24, 4096, 0.95), (8, 700, 0.0)):
+        search_bank = bfloat16_search_bank(bank, bank_sq, dims)
+        found = bfloat16_min_sq_distances(queries, bank, bank_sq, search_bank, block).numpy()
+        assert np.all(found >= want * (1 - 1e-4) - 1e-3)
+        recall = recall_of(found, queries.numpy(), bank.numpy())
+        assert recall >= min_recall, f"{dims} axes: recall@1 {recall:.3f}"
+        if dims == 8:
+            assert recall < 0.5
+
+
 def test_int8_search_on_principal_axes(bank_and_queries) -> None:
     """With ``dims`` the int8 products run on the bank's first principal axes: the rows
     rank entries by ``|b - mu|^2 - 2 q'.b'`` for the projected query ``q'``, every found
@@ -167,7 +210,7 @@ def test_int8_search_on_principal_axes(bank_and_queries) -> None:
     q, b = torch.from_numpy(queries), torch.from_numpy(bank)
     b_sq = b.pow(2).sum(1)
     int8 = int8_search_bank(b, b_sq, dims=24)
-    centre, axes = int8.centre, int8.projection
+    centre, axes = int8.axes.centre, int8.axes.projection
     assert axes.shape == (48, 24)
     torch.testing.assert_close(axes.T @ axes, torch.eye(24), rtol=0, atol=1e-5)
     spread = ((b - centre) @ axes).var(0)
@@ -185,13 +228,7 @@ def test_int8_search_on_principal_axes(bank_and_queries) -> None:
     # the 48 plus isotropic noise (patch embeddings' variance also falls off across
     # axes). Measured: recall@1 0.994 on 16 axes with blocks of 700 (nine candidates),
     # 0.954 on 24 with blocks of 4096 (two), against 0.996 and 0.98 on all 48; 0.31 on 8
-    rng = np.random.default_rng(10)
-    basis = torch.from_numpy(np.linalg.qr(rng.standard_normal((48, 48)))[0][:, :16]).float()
-    flat_bank, flat_queries = (
-        torch.from_numpy(_clustered(n, 16, seed)) @ basis.T
-        + 0.3 * torch.from_numpy(rng.standard_normal((n, 48)).astype(np.float32))
-        for n, seed in ((6000, 0), (500, 1))
-    )
+    flat_bank, flat_queries = _low_rank()
     flat_want, _ = _brute_force(flat_queries.numpy(), flat_bank.numpy())
     flat_sq = flat_bank.pow(2).sum(1)
     for dims, block, min_recall in ((16, 700, 0.99), (24, 4096, 0.94), (8, 700, 0.0)):
@@ -204,7 +241,7 @@ def test_int8_search_on_principal_axes(bank_and_queries) -> None:
             assert recall < 0.5
     for dims in (0, 48, 64):
         plain = int8_search_bank(b, b_sq, dims=dims)
-        assert plain.projection is None and plain.centre is None
+        assert plain.axes.projection is None and plain.axes.centre is None
         torch.testing.assert_close(
             torch.cat(plain.blocks, 1), torch.cat(int8_search_bank(b, b_sq).blocks, 1)
         )
@@ -335,9 +372,9 @@ def test_knn_head_search_modes() -> None:
     stale.bank.mul_(2.0)  # an in-place change of the bank rebuilds the index
     torch.testing.assert_close(stale(test), _exact_with_bank(heads["exact"], stale.bank, test))
     candidates = heads["bfloat16"]  # its bfloat16 rows follow the bank the same way
-    rows = candidates.bfloat16_rows()
+    rows = candidates.bfloat16_bank()
     candidates.bank.mul_(2.0)
-    assert candidates.bfloat16_rows() is not rows
+    assert candidates.bfloat16_bank() is not rows
     moved = _exact_with_bank(heads["exact"], candidates.bank, test)
     torch.testing.assert_close(candidates(test), moved, rtol=5e-3, atol=0)
 
@@ -353,7 +390,8 @@ def test_knn_head_int8_search_on_principal_axes() -> None:
         "knn", [8, 16], [(8, 8), (4, 4)], coreset_ratio=0.5, search="int8", search_dims=12
     )
     head.eval().prepare(train)
-    assert head.int8_bank().projection.shape == (24, 12)
+    assert head.int8_bank().axes.projection.shape == (24, 12)
+    assert head.bfloat16_bank().axes.projection.shape == (24, 12)
     exact = _exact_with_bank(head, head.bank, test)
     projected = head(test)
     assert torch.all(projected >= exact - 1e-4)  # recall: test_int8_search_on_principal_axes
@@ -362,7 +400,7 @@ def test_knn_head_int8_search_on_principal_axes() -> None:
     assert rebuilt.search_dims == 12
     torch.testing.assert_close(rebuilt.eval()(test), projected, rtol=0, atol=0)
     head.set_search("int8", search_dims=0)  # every dimension: a new int8 bank
-    assert head.int8_bank().projection is None
+    assert head.int8_bank().axes.projection is None
     torch.testing.assert_close(head(test), _plain_int8_head(head)(test), rtol=0, atol=0)
 
 

@@ -28,6 +28,7 @@ from vitqc.errors import VitqcError
 from vitqc.heads.base import DerivedValues, FeatureStandardizer, Head, concat_at_finest
 from vitqc.heads.neighbours import (
     SEARCHES,
+    Bfloat16Bank,
     Int8Bank,
     SearchParams,
     bfloat16_min_sq_distances,
@@ -48,10 +49,11 @@ from vitqc.heads.neighbours import (
 _COVERAGE_VALUES = 262_144
 #: Farthest points a pass of the greedy coreset picks among (``greedy_coreset``).
 _CANDIDATES = 1024
-#: Principal axes of the bank the int8 search's products run on (``int8_search_bank``):
-#: on 64 of EfficientNet-Lite0's 152 dimensions the products and their argmax over
-#: magnetic_tile's bank took 27 against 44 ms per image, and no test figure moved by more
-#: than 0.002 on kolektorsdd or magnetic_tile (issue 19 notes).
+#: Principal axes of the bank the candidate searches' products run on (int8 and
+#: bfloat16: ``neighbours.on_principal_axes``): on 64 of EfficientNet-Lite0's 152
+#: dimensions the int8 products and their argmax over magnetic_tile's bank took 27
+#: against 44 ms per image, and no test figure moved by more than 0.002 on kolektorsdd or
+#: magnetic_tile (issue 19 notes).
 SEARCH_DIMS = 64
 
 
@@ -149,7 +151,7 @@ class KNNHead(Head):
         self.search_params = SearchParams(ef_search=ef_search, nprobe=nprobe, seed=seed)
         if search_dims < 0:
             raise ValueError(f"search_dims must be 0 (every dimension) or more, got {search_dims}")
-        #: principal axes of the bank the int8 search's products run on (0: all)
+        #: principal axes of the bank the candidate searches' products run on (0: all)
         self.search_dims = search_dims
         #: what is derived from the bank (the faiss index, the float32 and bfloat16
         #: search banks), rebuilt when the bank changes (``_from_bank``)
@@ -197,6 +199,7 @@ class KNNHead(Head):
         if search_dims is not None and search_dims != self.search_dims:
             self.search_dims = search_dims
             self._derived.drop("int8_bank")
+            self._derived.drop("bfloat16_bank")
         self.search_params = replace(self.search_params, **params)
         self._derived.drop("index")
 
@@ -215,9 +218,13 @@ class KNNHead(Head):
 
         return self._from_bank("search_bank", build)
 
-    def bfloat16_rows(self) -> torch.Tensor:
-        """The bank as the bfloat16 search takes it (``bfloat16_search_bank``)."""
-        return self._from_bank("bfloat16_rows", lambda: bfloat16_search_bank(*self.search_bank()))
+    def bfloat16_bank(self) -> Bfloat16Bank:
+        """The bank as the bfloat16 search takes it (``bfloat16_search_bank``, on
+        ``search_dims`` principal axes)."""
+        return self._from_bank(
+            "bfloat16_bank",
+            lambda: bfloat16_search_bank(*self.search_bank(), dims=self.search_dims),
+        )
 
     def int8_bank(self) -> Int8Bank:
         """The bank as the int8 search takes it (``int8_search_bank``, on ``search_dims``
@@ -261,7 +268,7 @@ class KNNHead(Head):
         if search == "exact":
             d2 = exact_min_sq_distances(queries, bank, bank_sq=bank_sq)
         elif search == "bfloat16":
-            d2 = bfloat16_min_sq_distances(queries, bank, bank_sq, self.bfloat16_rows())
+            d2 = bfloat16_min_sq_distances(queries, bank, bank_sq, self.bfloat16_bank())
         elif search == "int8":
             d2 = int8_min_sq_distances(queries, bank, bank_sq, self.int8_bank())
         else:

@@ -7,7 +7,8 @@ matrix units of CPUs that compute bfloat16 natively: AMX, AVX512-BF16) and measu
 again in float32, so a found distance is exact and only a near tie can pick a slightly
 farther entry. ``int8`` does the same with int8 products (one quantization step for the
 bank and the queries, each entry's squared norm folded into the product as integer
-columns; with ``dims``, on the bank's first principal axes); an ONNX export of the
+columns). With ``dims``, both run their products on the bank's first principal axes
+(``on_principal_axes``): fewer products, candidates less often the nearest. An ONNX export of the
 default search runs it (``export_search``: ONNX Runtime
 has int8 matrix products on every x86 CPU, no bfloat16 ones). The faiss modes
 (``faiss-flat``: exact, ``IndexFlatL2``; ``faiss-hnsw`` and ``faiss-ivf``: approximate)
@@ -34,7 +35,7 @@ def resolve_search(search: str) -> str:
     that moved no test figure by more than 0.002 on magnetic_tile and kolektorsdd (the
     notes of the speed issue): ``bfloat16`` on CPUs with AMX tiles, ``int8`` on CPUs with
     int8 dot products (VNNI) but no AMX (on an AMD EPYC with AVX512-BF16 the int8 search
-    took two thirds of the bfloat16 one's time), ``exact`` elsewhere (emulated bfloat16
+    took less than half the bfloat16 one's time), ``exact`` elsewhere (emulated bfloat16
     or int8 products would be slower than float32)."""
     if search != "auto":
         return search
@@ -112,38 +113,79 @@ GROUP = 64
 _TILE = 32
 
 
-def bfloat16_search_bank(bank: torch.Tensor, bank_sq: torch.Tensor) -> torch.Tensor:
-    """``[M, D']`` bfloat16 rows ``[-2 b, |b|^2, 0...]``: a product with a query's
-    ``[q, 1, 0...]`` is ``|b|^2 - 2 q.b``, its squared distance less ``|q|^2``."""
+@dataclass(frozen=True)
+class PrincipalAxes:
+    """Where a candidate search's products run: ``(x - centre) @ projection``, the bank's
+    mean and the first ``k`` eigenvectors of its covariance (``[D, k]``); both None for
+    every dimension as it is."""
+
+    centre: torch.Tensor | None = None  # [D]
+    projection: torch.Tensor | None = None  # [D, k]
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.projection is None else (x - self.centre) @ self.projection
+
+
+def on_principal_axes(
+    bank: torch.Tensor, bank_sq: torch.Tensor, dims: int
+) -> tuple[torch.Tensor, torch.Tensor, PrincipalAxes]:
+    """``bank [M, D]`` and its rows' squared norms as a candidate search's products take
+    them: with ``0 < dims < D``, the entries on the bank's first ``dims`` principal axes
+    ``b' = (b - mu) P`` and the norms ``|b - mu|^2`` (a query then enters as
+    ``(q - mu) P``: the smallest ``|b - mu|^2 - 2 q'.b'`` is ``|q - b|^2`` less the
+    query's own terms and the product of the two residuals off the axes); otherwise as
+    they are."""
+    if not 0 < dims < bank.shape[1]:
+        return bank, bank_sq, PrincipalAxes()
+    axes = PrincipalAxes(*principal_axes(bank, dims))
+    return axes.project(bank), (bank - axes.centre).pow(2).sum(1), axes
+
+
+@dataclass(frozen=True)
+class Bfloat16Bank:
+    """The bank as the bfloat16 search takes it: ``rows [M, D']`` bfloat16
+    ``[-2 b, |b|^2, 0...]`` (on the principal ``axes``, if any); a product with a
+    query's ``[q, 1, 0...]`` is ``|b|^2 - 2 q.b``, its squared distance less ``|q|^2``."""
+
+    rows: torch.Tensor
+    axes: PrincipalAxes = PrincipalAxes()
+
+
+def bfloat16_search_bank(bank: torch.Tensor, bank_sq: torch.Tensor, dims: int = 0) -> Bfloat16Bank:
+    """``Bfloat16Bank`` of ``bank [M, D]`` (float32) with squared norms ``bank_sq``, on
+    its first ``dims`` principal axes (``on_principal_axes``; 0: every dimension)."""
+    bank, bank_sq, axes = on_principal_axes(bank, bank_sq, dims)
     m, d = bank.shape
     width = -(-(d + 1) // _TILE) * _TILE
     rows = bank.new_zeros(m, width)
     rows[:, :d] = bank * -2
     rows[:, d] = bank_sq
-    return rows.to(torch.bfloat16)
+    return Bfloat16Bank(rows.to(torch.bfloat16), axes)
 
 
 def bfloat16_min_sq_distances(
     queries: torch.Tensor,
     bank: torch.Tensor,
     bank_sq: torch.Tensor,
-    search_rows: torch.Tensor,
+    search_bank: Bfloat16Bank,
     block: int = BANK_BLOCK,
     query_block: int = QUERY_BLOCK,
 ) -> torch.Tensor:
     """``exact_min_sq_distances`` from candidates: per block of the bank, the entry
-    nearest each query by a bfloat16 product (``search_rows``, from
+    nearest each query by a bfloat16 product (``search_bank``, from
     ``bfloat16_search_bank``), then the float32 distance to every block's candidate."""
+    rows = search_bank.rows
 
     def search(q: torch.Tensor) -> torch.Tensor:
-        n, d = q.shape
-        augmented = q.new_zeros(search_rows.shape[1], n)
-        augmented[:d] = q.T
+        keys = search_bank.axes.project(q)
+        n, d = keys.shape
+        augmented = q.new_zeros(rows.shape[1], n)
+        augmented[:d] = keys.T
         augmented[d] = 1
         augmented = augmented.to(torch.bfloat16)
         candidates = torch.stack(
             [
-                start + _nearest_in_block(search_rows[start : start + block] @ augmented)
+                start + _nearest_in_block(rows[start : start + block] @ augmented)
                 for start in range(0, int(bank.shape[0]), block)
             ],
             1,
@@ -199,25 +241,19 @@ class Int8Bank:
     ``q.b / scale^2 - c``: the largest is the entry with the smallest ``|b|^2 - 2 q.b``.
     Products are exact in int32 (at most D' x 128 x 128).
 
-    With a ``projection`` ``P [D, k]`` (the bank's first ``k`` principal axes) and its
-    ``centre`` ``mu``, the rows hold ``b' = (b - mu) P`` and ``c`` comes from
-    ``|b - mu|^2``; a query enters as ``(q - mu) P``. The largest product is then the
-    entry with the smallest ``|b - mu|^2 - 2 q'.b'``, which is ``|q - b|^2`` less the
-    query's own terms and the product of the two residuals off the axes: fewer integer
-    products, and candidates less often the nearest entry (a missed one is measured at
-    its true, larger distance)."""
+    On principal ``axes`` (``on_principal_axes``) the rows hold ``b' = (b - mu) P`` and
+    ``c`` comes from ``|b - mu|^2``: fewer integer products, and candidates less often
+    the nearest entry (a missed one is measured at its true, larger distance)."""
 
     blocks: tuple[torch.Tensor, ...]
     scale: float
     query_columns: torch.Tensor  # [D' - D] float32, multiples of scale
-    centre: torch.Tensor | None = None  # [D]
-    projection: torch.Tensor | None = None  # [D, k]
+    axes: PrincipalAxes = PrincipalAxes()
 
     def keys(self, queries: torch.Tensor) -> torch.Tensor:
         """The queries ``[n, D]`` as the rows' columns take them: projected, if the
         bank is, then followed by ``query_columns``."""
-        if self.projection is not None:
-            queries = (queries - self.centre) @ self.projection
+        queries = self.axes.project(queries)
         return torch.cat([queries, self.query_columns.expand(queries.shape[0], -1)], 1)
 
 
@@ -236,13 +272,9 @@ def int8_search_bank(
     """``Int8Bank`` of ``bank [M, D]`` (float32) with squared norms ``bank_sq``: one
     quantization step, the largest magnitude over 127 (queries beyond it saturate, which
     only changes which candidate the products pick; its distance is measured again).
-    ``0 < dims < D``: the products run on the bank's first ``dims`` principal axes (the
-    norm columns then come from ``|b - mu|^2``, not ``bank_sq``)."""
-    centre = projection = None
-    if 0 < dims < bank.shape[1]:
-        centre, projection = principal_axes(bank, dims)
-        bank_sq = (bank - centre).pow(2).sum(1)
-        bank = (bank - centre) @ projection
+    ``0 < dims < D``: the products run on the bank's first ``dims`` principal axes
+    (``on_principal_axes``: the norm columns then come from ``|b - mu|^2``)."""
+    bank, bank_sq, axes = on_principal_axes(bank, bank_sq, dims)
     m, d = bank.shape
     scale = max(float(bank.abs().max()), 1e-12) / _INT8_MAX
     quantized = torch.round(bank / scale).clamp(-_INT8_MAX, _INT8_MAX)
@@ -264,7 +296,7 @@ def int8_search_bank(
     query_columns[n_coarse] = scale
     rows = rows.to(torch.int8)
     blocks = tuple(rows[:, start : start + block].contiguous() for start in range(0, m, block))
-    return Int8Bank(blocks, scale, query_columns, centre, projection)
+    return Int8Bank(blocks, scale, query_columns, axes)
 
 
 class _QuantizeQueries(torch.autograd.Function):
