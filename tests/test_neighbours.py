@@ -98,14 +98,15 @@ def test_bfloat16_search_measures_its_candidates_exactly(bank_and_queries) -> No
     want, _ = _brute_force(queries, bank)
     q, b = torch.from_numpy(queries), torch.from_numpy(bank)
     b_sq = b.pow(2).sum(1)
-    rows = bfloat16_search_bank(b, b_sq)
-    assert rows.rows.dtype == torch.bfloat16 and rows.rows.shape == (6000, 64)  # 48 + 1 -> 64
-    assert rows.axes.projection is None  # every dimension
+    search_bank = bfloat16_search_bank(b, b_sq)
+    rows = search_bank.rows
+    assert rows.dtype == torch.bfloat16 and rows.shape == (6000, 64)  # 48 + 1 -> 64 wide
+    assert search_bank.axes.projection is None  # every dimension
     # measured on this data (tight clusters, many near ties): recall@1 0.976 with two
     # candidates per query (blocks of 4096), 0.994 with nine, 1.0 with 150; a missed
     # nearest entry is at most 0.21 % farther
     for block, query_block, min_recall in ((4096, 512, 0.97), (700, 96, 0.99), (40, 500, 1.0)):
-        found = bfloat16_min_sq_distances(q, b, b_sq, rows, block, query_block).numpy()
+        found = bfloat16_min_sq_distances(q, b, b_sq, search_bank, block, query_block).numpy()
         assert np.all(found >= want * (1 - 1e-4) - 1e-3)
         assert np.all(found <= want * 1.005)
         recall = recall_of(found, queries, bank)
@@ -372,9 +373,9 @@ def test_knn_head_search_modes() -> None:
     stale.bank.mul_(2.0)  # an in-place change of the bank rebuilds the index
     torch.testing.assert_close(stale(test), _exact_with_bank(heads["exact"], stale.bank, test))
     candidates = heads["bfloat16"]  # its bfloat16 rows follow the bank the same way
-    rows = candidates.bfloat16_bank()
+    search_bank = candidates.bfloat16_bank()
     candidates.bank.mul_(2.0)
-    assert candidates.bfloat16_bank() is not rows
+    assert candidates.bfloat16_bank() is not search_bank
     moved = _exact_with_bank(heads["exact"], candidates.bank, test)
     torch.testing.assert_close(candidates(test), moved, rtol=5e-3, atol=0)
 

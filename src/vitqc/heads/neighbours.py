@@ -8,9 +8,9 @@ again in float32, so a found distance is exact and only a near tie can pick a sl
 farther entry. ``int8`` does the same with int8 products (one quantization step for the
 bank and the queries, each entry's squared norm folded into the product as integer
 columns). With ``dims``, both run their products on the bank's first principal axes
-(``on_principal_axes``): fewer products, candidates less often the nearest. An ONNX export of the
-default search runs it (``export_search``: ONNX Runtime
-has int8 matrix products on every x86 CPU, no bfloat16 ones). The faiss modes
+(``on_principal_axes``): fewer products, candidates less often the nearest. An ONNX
+export of the default search runs the int8 one (``export_search``: ONNX Runtime has int8
+matrix products on every x86 CPU, no bfloat16 ones). The faiss modes
 (``faiss-flat``: exact, ``IndexFlatL2``; ``faiss-hnsw`` and ``faiss-ivf``: approximate)
 build their index from the same bank when first needed; the index is never stored, so
 a bundle holds only the bank.
