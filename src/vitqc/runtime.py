@@ -180,7 +180,6 @@ def fastest_head_batch(
         return max(choices)  # not a vitqc graph's fixed feature shapes: one call
     n = max(choices)
     blank = {i.name: np.zeros((n, *s), np.float32) for i, s in zip(inputs, shapes, strict=True)}
-
     shrink = _shrinking_arena()
 
     def run(chunk: int) -> int:
