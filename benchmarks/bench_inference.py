@@ -41,7 +41,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
 import torch
 from onnx import numpy_helper
@@ -152,7 +151,7 @@ def _constant_bytes(model: AnomalyModel, onnx_path: Path, n_features: int) -> tu
     """Bytes of the head's constants: its torch state, and the exported graph's head part
     (``runtime.split_graph``): its initializers and ``Constant`` nodes."""
     state = sum(t.numel() * t.element_size() for t in model.head.state_dict().values())
-    head = onnx.load_from_string(split_graph(onnx_path, feature_names(n_features))[1]).graph
+    head = split_graph(onnx_path, feature_names(n_features))[1].graph
     tensors = [*head.initializer]
     tensors += [a.t for node in head.node if node.op_type == "Constant" for a in node.attribute]
     return state, sum(numpy_helper.to_array(t).nbytes for t in tensors if t.dims)

@@ -579,16 +579,20 @@ def test_runtime_matches_predict_on_real_images(exported, tmp_path):
         assert r["normalized_score"] == pytest.approx(p["normalized_score"], abs=near)
 
 
-_ARENA_CHILD = """
-import sys
-import numpy as np
-from vitqc.runtime import OUTPUTS, ExportedModel, fastest_head_batch, run_head
-
+_RSS_MB = """
 def rss_mb():
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith("VmRSS"):
                 return int(line.split()[1]) / 1024
+"""
+
+_ARENA_CHILD = (
+    _RSS_MB
+    + """
+import sys
+import numpy as np
+from vitqc.runtime import OUTPUTS, ExportedModel, fastest_head_batch, run_head
 
 _, head = ExportedModel(sys.argv[1], threads=1).split_sessions()
 shapes = [(32, *i.shape[1:]) for i in head.get_inputs()]
@@ -598,6 +602,45 @@ timed = rss_mb()
 run_head(head, [np.zeros(s, np.float32) for s in shapes], [i.name for i in head.get_inputs()], 32)
 print(timed - base, rss_mb() - timed)
 """
+)
+
+_SPLIT_CHILD = (
+    _RSS_MB
+    + """
+import sys
+import numpy as np
+import onnx  # the split's own import, not what it holds
+from vitqc.runtime import ExportedModel, release_free_heap
+
+model = ExportedModel(sys.argv[1], threads=1)
+image = np.zeros((1, 3, *model.input_size), np.float32)
+model.run(image)
+release_free_heap()  # what is held, not what the heap keeps of what was freed
+whole = rss_mb()
+model.split_sessions()
+model.run(image)
+release_free_heap()
+print(rss_mb() - whole)
+"""
+)
+
+
+@pytest.mark.parametrize("exported", ["gaussian"], indirect=True)
+def test_the_split_parts_hold_the_constants_once(exported):
+    """After the split the backbone and head sessions take the whole graph's place
+    without a second copy of its constants: the parts are loaded from files (a session
+    made from bytes keeps them) and the split's own copies are handed back."""
+    _, _, _, onnx_path, _ = exported
+    file_mb = onnx_path.stat().st_size / 2**20
+    assert file_mb > 10  # the per-position whitening: the constants dominate
+    out = subprocess.run(
+        [sys.executable, "-c", _SPLIT_CHILD, str(onnx_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    added = float(out.stdout)
+    assert added < file_mb / 4, (added, file_mb)
 
 
 @pytest.mark.parametrize("exported", ["knn"], indirect=True)

@@ -33,8 +33,12 @@ Only torch-free vitqc modules are imported: ``vitqc.data.io`` (reading images, a
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import functools
 import json
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -61,6 +65,7 @@ __all__ = [
     "fastest_micro_batch",
     "feature_names",
     "main",
+    "release_free_heap",
     "resize_image",
     "run_head",
     "run_in_chunks",
@@ -106,6 +111,22 @@ def _shrinking_arena() -> Any:
     return options
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+
+
+def release_free_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; nothing
+    elsewhere). Memory that one-time work freed (the graph split's protobuf copies, the
+    arena chunks of the calls timed to choose a size) otherwise stays in the process."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _run_in_calls(
     session: Any,
     inputs: dict[str, np.ndarray],
@@ -140,9 +161,9 @@ def run_head(
     return _run_in_calls(session, dict(zip(names, features, strict=True)), chunk, OUTPUTS)
 
 
-def split_graph(path: str | Path, features: Sequence[str]) -> tuple[bytes, bytes]:
+def split_graph(path: str | Path, features: Sequence[str]) -> tuple[Any, Any]:
     """An exported graph cut at its feature maps: the backbone (``image`` -> the
-    ``features`` outputs) and the head (those -> ``OUTPUTS``), as serialized ONNX models
+    ``features`` outputs) and the head (those -> ``OUTPUTS``), as ONNX models
     (``onnx.utils.Extractor``)."""
     import onnx
     from onnx.utils import Extractor
@@ -150,7 +171,7 @@ def split_graph(path: str | Path, features: Sequence[str]) -> tuple[bytes, bytes
     extractor = Extractor(onnx.load(str(path)))
     backbone = extractor.extract_model(["image"], list(features))
     head = extractor.extract_model(list(features), list(OUTPUTS))
-    return backbone.SerializeToString(), head.SerializeToString()
+    return backbone, head
 
 
 def _fastest_choice(choices: Sequence[int], run: Callable[[int], int], repeats: int) -> int:
@@ -166,6 +187,7 @@ def _fastest_choice(choices: Sequence[int], run: Callable[[int], int], repeats: 
             images = run(choice)
             per_image = (time.perf_counter() - start) / images
             best[choice] = min(best.get(choice, np.inf), per_image)
+    release_free_heap()  # the timed calls' arena chunks
     return min(choices, key=lambda choice: best[choice])
 
 
@@ -299,16 +321,29 @@ class ExportedModel:
         session (``session`` becomes None; single images run through the parts, as
         fast), so the model holds its constants once: a model only ever given single
         images holds one session, and so does one given batches."""
+        import onnx
         import onnxruntime as ort
 
         with self._choosing:
             if self._split is None:
-                backbone, head = (
-                    ort.InferenceSession(part, self._options, providers=["CPUExecutionProvider"])
-                    for part in split_graph(self.path, self.features)
-                )
+                # Each part is loaded from a file: a session made from bytes keeps them
+                # (onnxruntime's Python ``InferenceSession``), a second copy of the
+                # constants.
+                with tempfile.TemporaryDirectory(prefix="vitqc-split-") as tmp:
+                    paths = [Path(tmp, "backbone.onnx"), Path(tmp, "head.onnx")]
+                    for part, part_path in zip(
+                        split_graph(self.path, self.features), paths, strict=True
+                    ):
+                        onnx.save(part, part_path)
+                    backbone, head = (
+                        ort.InferenceSession(
+                            str(p), self._options, providers=["CPUExecutionProvider"]
+                        )
+                        for p in paths
+                    )
                 self._split = (backbone, head)
                 self.session = None
+                release_free_heap()  # what the split's protobuf copies leave in the heap
             return self._split
 
     @property
