@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -283,25 +284,41 @@ def test_runtime_resize_matches_torch(images):
         assert float(np.abs(resize_image(image, (224, 224)) - ref).max()) < 5e-5, path
 
 
+@contextmanager
+def searching_as_exported(model):
+    """A knn head searching as its exported graph does (``export_search``: int8
+    candidates), so that predict and the graph pick the same candidates on any CPU
+    (predict's own default depends on the CPU: ``resolve_search``); other heads as
+    they are."""
+    search = getattr(model.head, "search", None)
+    if search is None:
+        yield
+        return
+    model.head.set_search(export_search(search))
+    try:
+        yield
+    finally:
+        model.head.set_search(search)
+
+
 def test_runtime_gives_predict_decisions(exported, images, tmp_path):
     head, model, _, _, runtime = exported
-    predicted = predict_images(model, images, tmp_path / "predict")
+    with searching_as_exported(model):
+        predicted = predict_images(model, images, tmp_path / "predict")
     rows = list(runtime.score_files(images))
     assert [r["file"] for r in rows] == [p["file"] for p in predicted]
-    # knn: predict's default search and the graph's pick their candidates in bfloat16
-    # and int8 (test_onnx_runtime_matches_torch): near ties differ by a few per cent
-    rel, near = (2e-2, 1e-2) if head == "knn" else (1e-4, 1e-3)
     for r, p in zip(rows, predicted, strict=True):
         assert r["defective"] == p["defective"], (head, r, p)
         assert r["threshold"] == p["threshold"]
-        assert r["score"] == pytest.approx(p["score"], rel=rel)
-        assert r["normalized_score"] == pytest.approx(p["normalized_score"], abs=near)
+        assert r["score"] == pytest.approx(p["score"], rel=1e-4)
+        assert r["normalized_score"] == pytest.approx(p["normalized_score"], abs=1e-3)
     # predict's normalized score is the operator score: 0.5 at the threshold
     for p in predicted:
         assert (p["normalized_score"] > 0.5) == p["defective"]
     # the minimum-area rule on the exported map flags what predict flags
     area = 150.0
-    predicted = predict_images(model, images, tmp_path / "area", min_area=area)
+    with searching_as_exported(model):
+        predicted = predict_images(model, images, tmp_path / "area", min_area=area)
     rows = list(runtime.score_files(images, min_area=area))
     for r, p in zip(rows, predicted, strict=True):
         assert r["defective"] == p["defective"], (head, r, p)
@@ -569,14 +586,13 @@ def test_runtime_matches_predict_on_real_images(exported, tmp_path):
     files = sorted((test_dir / "good").glob("*"))[:3]
     files += sorted(p for d in test_dir.iterdir() if d.name != "good" for p in d.glob("*"))[:3]
     head, model, _, _, runtime = exported
-    predicted = predict_images(model, files, tmp_path / "predict")
+    with searching_as_exported(model):
+        predicted = predict_images(model, files, tmp_path / "predict")
     rows = list(runtime.score_files(files))
-    # knn: bfloat16 candidates in predict, int8 ones in the graph (near ties differ)
-    rel, near = (2e-2, 1e-2) if head == "knn" else (1e-4, 1e-5)
     for r, p in zip(rows, predicted, strict=True):
-        assert r["score"] == pytest.approx(p["score"], rel=rel), (head, r["file"])
+        assert r["score"] == pytest.approx(p["score"], rel=1e-4), (head, r["file"])
         assert r["defective"] == p["defective"], (head, r["file"])
-        assert r["normalized_score"] == pytest.approx(p["normalized_score"], abs=near)
+        assert r["normalized_score"] == pytest.approx(p["normalized_score"], abs=1e-5)
 
 
 _RSS_MB = """

@@ -139,14 +139,15 @@ def test_int8_products_rank_by_distance_and_candidates_are_measured_exactly(
     assert [block.shape[1] for block in int8.blocks] == [4096, 1904]
     quantized = torch.round(torch.cat([q, int8.query_columns.expand(len(q), -1)], 1) / int8.scale)
     products = quantized.double() @ rows.double()  # exact: small integers
-    want_products = (q.double() @ b.double().T - b_sq.double() / 2) / int8.scale**2
-    error = (products - want_products).abs().max() * int8.scale**2
-    assert error <= 0.02 * float(b_sq.mean())  # measured: 1.2 % of a mean |b|^2
-    # measured on this data: recall@1 0.968 with blocks of 4096 (two candidates), a
-    # missed nearest entry at most 1.6 % farther; 0.994 and 0.26 % with 700 (nine)
+    step = int8.scale * int8.bank_scale
+    want_products = (q.double() @ b.double().T - b_sq.double() / 2) / step
+    error = (products - want_products).abs().max() * step
+    assert error <= 0.03 * float(b_sq.mean())  # measured: 1.8 % of a mean |b|^2
+    # measured on this data: recall@1 0.928 with blocks of 4096 (two candidates), a
+    # missed nearest entry at most 1.6 % farther; 0.980 and 0.78 % with 700 (nine)
     for block, query_block, min_recall, farther in (
-        (4096, 512, 0.96, 1.02),
-        (700, 96, 0.99, 1.005),
+        (4096, 512, 0.92, 1.02),
+        (700, 96, 0.97, 1.01),
     ):
         blocked = int8_search_bank(b, b_sq, block)
         found = int8_min_sq_distances(q, b, b_sq, blocked, query_block).numpy()
@@ -222,17 +223,18 @@ def test_int8_search_on_principal_axes(bank_and_queries) -> None:
     assert rows.shape[0] == 32  # 24 axes + the norm's integer columns, padded to 16
     products = torch.round(keys / int8.scale).double() @ rows.double()
     projected = ((q - centre) @ axes).double() @ ((b - centre) @ axes).double().T
-    want_products = (projected - (b - centre).pow(2).sum(1).double() / 2) / int8.scale**2
-    error = (products - want_products).abs().max() * int8.scale**2
-    assert error <= 0.02 * float((b - centre).pow(2).sum(1).mean())
+    step = int8.scale * int8.bank_scale
+    want_products = (projected - (b - centre).pow(2).sum(1).double() / 2) / step
+    error = (products - want_products).abs().max() * step
+    assert error <= 0.03 * float((b - centre).pow(2).sum(1).mean())  # measured: 1.9 %
     # recall needs axes that hold the spread: clusters in a 16-dimensional subspace of
     # the 48 plus isotropic noise (patch embeddings' variance also falls off across
-    # axes). Measured: recall@1 0.994 on 16 axes with blocks of 700 (nine candidates),
-    # 0.954 on 24 with blocks of 4096 (two), against 0.996 and 0.98 on all 48; 0.31 on 8
+    # axes). Measured: recall@1 0.990 on 16 axes with blocks of 700 (nine candidates),
+    # 0.924 on 24 with blocks of 4096 (two), against 0.996 and 0.972 on all 48; 0.28 on 8
     flat_bank, flat_queries = _low_rank()
     flat_want, _ = _brute_force(flat_queries.numpy(), flat_bank.numpy())
     flat_sq = flat_bank.pow(2).sum(1)
-    for dims, block, min_recall in ((16, 700, 0.99), (24, 4096, 0.94), (8, 700, 0.0)):
+    for dims, block, min_recall in ((16, 700, 0.99), (24, 4096, 0.92), (8, 700, 0.0)):
         blocked = int8_search_bank(flat_bank, flat_sq, block, dims)
         found = int8_min_sq_distances(flat_queries, flat_bank, flat_sq, blocked).numpy()
         assert np.all(found >= flat_want * (1 - 1e-4) - 1e-3)
@@ -300,6 +302,45 @@ def test_exported_block_argmax_is_the_first_largest_product(tmp_path, width) -> 
         assert found.shape == (n,)
         np.testing.assert_array_equal(found, want[:n].numpy())
     assert torch.equal(Search()(queries), want)
+
+
+def test_int8_rows_are_exact_in_onnx_runtime_without_vnni(tmp_path, bank_and_queries) -> None:
+    """ONNX Runtime's uint8 x int8 products on x86 CPUs without VNNI (AVX2) add each
+    pair of products in int16, which saturates beyond 32767: with rows of -127..127 most
+    products of large queries came out wrong there. Every value of the search rows is
+    within 64, so the graph's block argmax is the exact one for any query, the
+    extremes of uint8 included (on CPUs with VNNI this holds either way)."""
+    import onnxruntime as ort
+
+    from vitqc.export import OPSET
+
+    bank, _ = bank_and_queries
+    b = torch.from_numpy(bank)
+    for int8 in (
+        int8_search_bank(b, b.pow(2).sum(1)),
+        int8_search_bank(b, b.pow(2).sum(1), dims=24),
+    ):
+        rows = torch.cat(int8.blocks, 1)
+        assert int(rows.abs().max()) <= 64
+    rows = int8.blocks[0]
+    generator = torch.Generator().manual_seed(2)
+    queries = torch.randint(-128, 128, (200, rows.shape[0]), generator=generator).float()
+    queries[:50] = 127.0  # the largest uint8 values, 255, against every column
+    queries[50:100] = -128.0
+
+    class Search(torch.nn.Module):
+        def forward(self, q: torch.Tensor) -> torch.Tensor:
+            quantized = neighbours._QuantizeQueries.apply(q, 1.0)
+            return neighbours._BlockArgmax.apply(quantized, rows)
+
+    path = tmp_path / "rows.onnx"
+    torch.onnx.export(
+        Search(), (queries,), str(path), opset_version=OPSET, dynamo=False, input_names=["q"]
+    )
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    found = session.run(None, {"q": queries.numpy()})[0]
+    want = (queries.long() @ rows.long()).argmax(1)
+    np.testing.assert_array_equal(found, want.numpy())
 
 
 def test_export_search_is_int8_for_the_default() -> None:

@@ -225,8 +225,12 @@ def _nearest_in_block(d: torch.Tensor) -> torch.Tensor:
 #: Width of the int8 search's products: the bank's ``D`` values, its squared norm's
 #: integer columns and zeros up to a multiple of this.
 _INT8_WIDTH = 16
-#: Largest value of a quantized bank entry (symmetric: -127..127).
+#: Largest magnitude of a quantized query value (int8: -128..127 saturated).
 _INT8_MAX = 127
+#: Largest magnitude of a value in the bank's rows. ONNX Runtime's uint8 x int8 products
+#: on x86 CPUs without VNNI (AVX2: ``vpmaddubsw``) add each pair of products in int16 and
+#: saturate beyond 32767; with the bank within 64 a pair stays within 2 x 255 x 64.
+_BANK_MAX = 64
 
 
 @dataclass(frozen=True)
@@ -234,19 +238,23 @@ class Int8Bank:
     """The bank as the int8 search takes it.
 
     ``blocks``, each ``[D', m]`` for ``m`` consecutive entries (int8, transposed for the
-    products, one contiguous tensor per block of the search), hold ``round(b / scale)``, then
-    ``-c`` split over integer columns, ``c = round(|b|^2 / (2 scale^2))``; a query row
-    ``round(q / scale)`` followed by ``query_columns / scale`` (127 for each coarse
-    column, 1 for the fine one, 0 for the padding) then has the integer product
-    ``q.b / scale^2 - c``: the largest is the entry with the smallest ``|b|^2 - 2 q.b``.
-    Products are exact in int32 (at most D' x 128 x 128).
+    products, one contiguous tensor per block of the search), hold ``round(b /
+    bank_scale)``, then ``-c`` split over integer columns, ``c = round(|b|^2 / (2 scale
+    bank_scale))``; a query row ``round(q / scale)`` followed by ``query_columns / scale``
+    (127 for each coarse column, 1 for each fine one, 0 for the padding) then has the
+    integer product ``q.b / (scale bank_scale) - c``: the largest is the entry with the
+    smallest ``|b|^2 - 2 q.b``.
+    Every value of the rows is within ``_BANK_MAX`` (64), so the products are exact in
+    int32 on every x86 CPU, also in ONNX Runtime's kernel for CPUs without VNNI, which
+    adds pairs of products in int16.
 
     On principal ``axes`` (``on_principal_axes``) the rows hold ``b' = (b - mu) P`` and
     ``c`` comes from ``|b - mu|^2``: fewer integer products, and candidates less often
     the nearest entry (a missed one is measured at its true, larger distance)."""
 
     blocks: tuple[torch.Tensor, ...]
-    scale: float
+    scale: float  # the queries' quantization step
+    bank_scale: float  # the rows' step (twice ``scale``: values within _BANK_MAX)
     query_columns: torch.Tensor  # [D' - D] float32, multiples of scale
     axes: PrincipalAxes = PrincipalAxes()
 
@@ -270,33 +278,44 @@ def int8_search_bank(
     bank: torch.Tensor, bank_sq: torch.Tensor, block: int = BANK_BLOCK, dims: int = 0
 ) -> Int8Bank:
     """``Int8Bank`` of ``bank [M, D]`` (float32) with squared norms ``bank_sq``: one
-    quantization step, the largest magnitude over 127 (queries beyond it saturate, which
-    only changes which candidate the products pick; its distance is measured again).
-    ``0 < dims < D``: the products run on the bank's first ``dims`` principal axes
-    (``on_principal_axes``: the norm columns then come from ``|b - mu|^2``)."""
+    quantization step, the largest magnitude over ``_BANK_MAX`` (queries up to twice
+    that; beyond it they saturate, which only changes which candidate the products
+    pick: its distance is measured again). ``0 < dims < D``: the products run on the
+    bank's first ``dims`` principal axes (``on_principal_axes``: the norm columns then
+    come from ``|b - mu|^2``)."""
     bank, bank_sq, axes = on_principal_axes(bank, bank_sq, dims)
     m, d = bank.shape
-    scale = max(float(bank.abs().max()), 1e-12) / _INT8_MAX
-    quantized = torch.round(bank / scale).clamp(-_INT8_MAX, _INT8_MAX)
-    folded = torch.round(bank_sq.double() / (2 * scale * scale))
-    # c = 127 * coarse + fine; the coarse part spread over columns of at most 128
+    largest = max(float(bank.abs().max()), 1e-12)
+    scale, bank_scale = largest / _INT8_MAX, largest / _BANK_MAX  # queries', bank's
+    quantized = torch.round(bank / bank_scale).clamp(-_BANK_MAX, _BANK_MAX)
+    folded = torch.round(bank_sq.double() / (2 * scale * bank_scale))
+    # c = 127 * coarse + fine, each part spread over columns of at most _BANK_MAX
     coarse, fine = torch.div(folded, _INT8_MAX, rounding_mode="floor"), folded % _INT8_MAX
-    n_coarse = max(1, int(-(-float(coarse.max()) // 128)))
-    width = -(-(d + n_coarse + 1) // _INT8_WIDTH) * _INT8_WIDTH
+    coarse_columns, fine_columns = _spread(coarse), _spread(fine)
+    columns = [*coarse_columns, *fine_columns]
+    width = -(-(d + len(columns)) // _INT8_WIDTH) * _INT8_WIDTH
     rows = torch.zeros(width, m, dtype=torch.float64)
     rows[:d] = quantized.T
-    left = coarse.clone()
-    for column in range(d, d + n_coarse):
-        part = left.clamp(max=128)
-        rows[column] = -part
-        left -= part
-    rows[d + n_coarse] = -fine
+    for i, part in enumerate(columns):
+        rows[d + i] = -part
     query_columns = torch.zeros(width - d)
-    query_columns[:n_coarse] = _INT8_MAX * scale
-    query_columns[n_coarse] = scale
+    query_columns[: len(coarse_columns)] = _INT8_MAX * scale
+    query_columns[len(coarse_columns) : len(columns)] = scale
     rows = rows.to(torch.int8)
     blocks = tuple(rows[:, start : start + block].contiguous() for start in range(0, m, block))
-    return Int8Bank(blocks, scale, query_columns, axes)
+    return Int8Bank(blocks, scale, bank_scale, query_columns, axes)
+
+
+def _spread(values: torch.Tensor) -> list[torch.Tensor]:
+    """Non-negative integers ``values`` as a sum of columns each within ``_BANK_MAX``
+    (at least one)."""
+    n = max(1, int(-(-float(values.max()) // _BANK_MAX)))
+    parts, left = [], values.clone()
+    for _ in range(n):
+        part = left.clamp(max=_BANK_MAX)
+        parts.append(part)
+        left = left - part
+    return parts
 
 
 class _QuantizeQueries(torch.autograd.Function):
