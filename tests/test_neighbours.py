@@ -11,9 +11,9 @@ from vitqc.heads import create_head, neighbours, parse_head
 from vitqc.heads.neighbours import (
     SEARCHES,
     SearchParams,
-    bfloat16_min_sq_distances,
-    bfloat16_search_bank,
     build_index,
+    candidate_min_sq_distances,
+    candidate_search_bank,
     exact_min_sq_distances,
     export_search,
     index_min_sq_distances,
@@ -98,7 +98,7 @@ def test_bfloat16_search_measures_its_candidates_exactly(bank_and_queries) -> No
     want, _ = _brute_force(queries, bank)
     q, b = torch.from_numpy(queries), torch.from_numpy(bank)
     b_sq = b.pow(2).sum(1)
-    search_bank = bfloat16_search_bank(b, b_sq)
+    search_bank = candidate_search_bank(b, b_sq)
     rows = search_bank.rows
     assert rows.dtype == torch.bfloat16 and rows.shape == (6000, 64)  # 48 + 1 -> 64 wide
     assert search_bank.axes.projection is None  # every dimension
@@ -106,16 +106,21 @@ def test_bfloat16_search_measures_its_candidates_exactly(bank_and_queries) -> No
     # candidates per query (blocks of 4096), 0.994 with nine, 1.0 with 150; a missed
     # nearest entry is at most 0.21 % farther
     for block, query_block, min_recall in ((4096, 512, 0.97), (700, 96, 0.99), (40, 500, 1.0)):
-        found = bfloat16_min_sq_distances(q, b, b_sq, search_bank, block, query_block).numpy()
+        found = candidate_min_sq_distances(q, b, b_sq, search_bank, block, query_block).numpy()
         assert np.all(found >= want * (1 - 1e-4) - 1e-3)
         assert np.all(found <= want * 1.005)
         recall = recall_of(found, queries, bank)
         assert recall >= min_recall, f"block {block}: recall@1 {recall:.3f}"
         hit = found <= want * (1 + 1e-4) + 1e-6
         np.testing.assert_allclose(found[hit], want[hit], rtol=1e-4, atol=1e-3)
+    # float32 products on every dimension: each block's candidate is its nearest entry
+    float32_bank = candidate_search_bank(b, b_sq, dtype=torch.float32)
+    assert float32_bank.rows.dtype == torch.float32 and float32_bank.rows.shape == (6000, 56)
+    found = candidate_min_sq_distances(q, b, b_sq, float32_bank).numpy()
+    np.testing.assert_allclose(found, want, rtol=1e-4, atol=1e-3)
     small = b[:10]  # fewer entries than one group
     small_sq = small.pow(2).sum(1)
-    found = bfloat16_min_sq_distances(q, small, small_sq, bfloat16_search_bank(small, small_sq))
+    found = candidate_min_sq_distances(q, small, small_sq, candidate_search_bank(small, small_sq))
     np.testing.assert_allclose(
         found.numpy(), _brute_force(queries, bank[:10])[0], rtol=1e-4, atol=1e-3
     )
@@ -181,7 +186,7 @@ def test_bfloat16_search_on_principal_axes() -> None:
     bank, queries = _low_rank()
     want, _ = _brute_force(queries.numpy(), bank.numpy())
     bank_sq = bank.pow(2).sum(1)
-    projected = bfloat16_search_bank(bank, bank_sq, dims=16)
+    projected = candidate_search_bank(bank, bank_sq, dims=16)
     axes = projected.axes
     assert projected.rows.shape == (6000, 32)  # 16 axes + the norm, padded to 32
     torch.testing.assert_close(
@@ -193,8 +198,8 @@ def test_bfloat16_search_on_principal_axes() -> None:
     # measured: recall@1 0.998 on 16 axes with blocks of 700, 0.974 on 24 with 4096
     # (0.992 on all 48), 0.28 on 8 (fewer axes than the spread)
     for dims, block, min_recall in ((16, 700, 0.98), (24, 4096, 0.95), (8, 700, 0.0)):
-        search_bank = bfloat16_search_bank(bank, bank_sq, dims)
-        found = bfloat16_min_sq_distances(queries, bank, bank_sq, search_bank, block).numpy()
+        search_bank = candidate_search_bank(bank, bank_sq, dims)
+        found = candidate_min_sq_distances(queries, bank, bank_sq, search_bank, block).numpy()
         assert np.all(found >= want * (1 - 1e-4) - 1e-3)
         recall = recall_of(found, queries.numpy(), bank.numpy())
         assert recall >= min_recall, f"{dims} axes: recall@1 {recall:.3f}"
@@ -347,20 +352,20 @@ def test_export_search_is_int8_for_the_default() -> None:
     """An ONNX graph of the default search holds int8 candidates (ONNX Runtime's fast
     integer products); one of an explicit other mode holds the exact search."""
     assert export_search("auto") == export_search("int8") == "int8"
-    for search in ("exact", "bfloat16", "faiss-flat", "faiss-hnsw", "faiss-ivf"):
+    for search in ("exact", "bfloat16", "float32", "faiss-flat", "faiss-hnsw", "faiss-ivf"):
         assert export_search(search) == "exact"
 
 
 def test_auto_search_follows_the_cpus_matrix_units(monkeypatch) -> None:
     """``auto`` (the knn head's default) runs bfloat16 candidates on CPUs with AMX tiles,
-    int8 candidates on CPUs with int8 dot products but no AMX, and the exact search
+    int8 candidates on CPUs with int8 dot products but no AMX, and float32 candidates
     elsewhere; other modes are themselves."""
     assert create_head("knn", [8], [(4, 4)]).search == "auto"
     for amx, vnni, expected in [
         (True, True, "bfloat16"),
         (True, False, "bfloat16"),
         (False, True, "int8"),
-        (False, False, "exact"),
+        (False, False, "float32"),
     ]:
         monkeypatch.setattr(neighbours, "amx_tiles", lambda amx=amx: amx)
         monkeypatch.setattr(neighbours, "native_int8", lambda vnni=vnni: vnni)
@@ -392,8 +397,10 @@ def test_knn_head_search_modes() -> None:
         heads[search] = head.eval()
     exact = heads["exact"](test)
     torch.testing.assert_close(heads["faiss-flat"](test), exact, rtol=1e-4, atol=1e-4)
-    for search in ("bfloat16", "int8", "faiss-hnsw", "faiss-ivf"):
+    for search in ("bfloat16", "float32", "int8", "faiss-hnsw", "faiss-ivf"):
         assert torch.all(heads[search](test) >= exact - 1e-4)
+    # float32 products on every dimension (24, below search_dims): the nearest entry
+    torch.testing.assert_close(heads["float32"](test), exact, rtol=1e-4, atol=1e-4)
     near = torch.isclose(heads["bfloat16"](test), exact, rtol=1e-4, atol=1e-4)
     assert near.float().mean() > 0.95  # measured: 0.977 (one bank block: one candidate)
     torch.testing.assert_close(heads["bfloat16"](test), exact, rtol=5e-3, atol=0)
@@ -414,9 +421,9 @@ def test_knn_head_search_modes() -> None:
     stale.bank.mul_(2.0)  # an in-place change of the bank rebuilds the index
     torch.testing.assert_close(stale(test), _exact_with_bank(heads["exact"], stale.bank, test))
     candidates = heads["bfloat16"]  # its bfloat16 rows follow the bank the same way
-    search_bank = candidates.bfloat16_bank()
+    search_bank = candidates.candidate_bank()
     candidates.bank.mul_(2.0)
-    assert candidates.bfloat16_bank() is not search_bank
+    assert candidates.candidate_bank() is not search_bank
     moved = _exact_with_bank(heads["exact"], candidates.bank, test)
     torch.testing.assert_close(candidates(test), moved, rtol=5e-3, atol=0)
 
@@ -433,7 +440,8 @@ def test_knn_head_int8_search_on_principal_axes() -> None:
     )
     head.eval().prepare(train)
     assert head.int8_bank().axes.projection.shape == (24, 12)
-    assert head.bfloat16_bank().axes.projection.shape == (24, 12)
+    assert head.candidate_bank().axes.projection.shape == (24, 12)
+    assert head.candidate_bank("float32").axes.projection.shape == (24, 12)
     exact = _exact_with_bank(head, head.bank, test)
     projected = head(test)
     assert torch.all(projected >= exact - 1e-4)  # recall: test_int8_search_on_principal_axes

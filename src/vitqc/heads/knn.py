@@ -28,12 +28,12 @@ from vitqc.errors import VitqcError
 from vitqc.heads.base import DerivedValues, FeatureStandardizer, Head, concat_at_finest
 from vitqc.heads.neighbours import (
     SEARCHES,
-    Bfloat16Bank,
+    CandidateBank,
     Int8Bank,
     SearchParams,
-    bfloat16_min_sq_distances,
-    bfloat16_search_bank,
     build_index,
+    candidate_min_sq_distances,
+    candidate_search_bank,
     exact_min_sq_distances,
     export_search,
     index_min_sq_distances,
@@ -49,7 +49,7 @@ from vitqc.heads.neighbours import (
 _COVERAGE_VALUES = 262_144
 #: Farthest points a pass of the greedy coreset picks among (``greedy_coreset``).
 _CANDIDATES = 1024
-#: Principal axes of the bank the candidate searches' products run on (int8 and
+#: Principal axes of the bank the candidate searches' products run on (int8, float32 and
 #: bfloat16: ``neighbours.on_principal_axes``): on 64 of EfficientNet-Lite0's 152
 #: dimensions the int8 products and their argmax over magnetic_tile's bank took 27
 #: against 44 ms per image, and no test figure moved by more than 0.002 on kolektorsdd or
@@ -200,6 +200,7 @@ class KNNHead(Head):
             self.search_dims = search_dims
             self._derived.drop("int8_bank")
             self._derived.drop("bfloat16_bank")
+            self._derived.drop("float32_bank")
         self.search_params = replace(self.search_params, **params)
         self._derived.drop("index")
 
@@ -218,12 +219,13 @@ class KNNHead(Head):
 
         return self._from_bank("search_bank", build)
 
-    def bfloat16_bank(self) -> Bfloat16Bank:
-        """The bank as the bfloat16 search takes it (``bfloat16_search_bank``, on
-        ``search_dims`` principal axes)."""
+    def candidate_bank(self, search: str = "bfloat16") -> CandidateBank:
+        """The bank as the bfloat16 or float32 candidate search takes it
+        (``candidate_search_bank``, on ``search_dims`` principal axes)."""
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[search]
         return self._from_bank(
-            "bfloat16_bank",
-            lambda: bfloat16_search_bank(*self.search_bank(), dims=self.search_dims),
+            f"{search}_bank",
+            lambda: candidate_search_bank(*self.search_bank(), self.search_dims, dtype),
         )
 
     def int8_bank(self) -> Int8Bank:
@@ -251,11 +253,11 @@ class KNNHead(Head):
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         """Distance of each patch to its nearest bank entry. The exact search takes
-        matrix products over fixed blocks of the bank; the bfloat16 and int8 ones
-        measure each block's bfloat16 or int8 candidate in float32 (``auto`` picks the
-        faster on this CPU: ``resolve_search``); the faiss modes search their index on
-        the CPU. An export (``vitqc.export``) traces the int8 or the exact search, as
-        ``export_search`` says."""
+        matrix products over fixed blocks of the bank; the bfloat16, float32 and int8
+        ones measure each block's candidate (found by products of that type) in float32
+        (``auto`` picks the fastest on this CPU: ``resolve_search``); the faiss modes
+        search their index on the CPU. An export (``vitqc.export``) traces the int8 or
+        the exact search, as ``export_search`` says."""
         emb = self._embeddings(features)
         d, h, w = emb.shape[1], emb.shape[2], emb.shape[3]
         queries = emb.permute(0, 2, 3, 1).reshape(-1, d)
@@ -263,12 +265,12 @@ class KNNHead(Head):
             raise VitqcError("the knn head has an empty memory bank: prepare() it first")
         tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         search = export_search(self.search) if tracing else resolve_search(self.search)
-        if search in ("exact", "bfloat16", "int8"):
+        if search in ("exact", "bfloat16", "float32", "int8"):
             bank, bank_sq = self.search_bank()
         if search == "exact":
             d2 = exact_min_sq_distances(queries, bank, bank_sq=bank_sq)
-        elif search == "bfloat16":
-            d2 = bfloat16_min_sq_distances(queries, bank, bank_sq, self.bfloat16_bank())
+        elif search in ("bfloat16", "float32"):
+            d2 = candidate_min_sq_distances(queries, bank, bank_sq, self.candidate_bank(search))
         elif search == "int8":
             d2 = int8_min_sq_distances(queries, bank, bank_sq, self.int8_bank())
         else:

@@ -5,9 +5,11 @@ minimum taken over fixed blocks of the bank, so nothing depends on the batch siz
 the ONNX export traces it. ``bfloat16`` picks candidates with bfloat16 products (the
 matrix units of CPUs that compute bfloat16 natively: AMX, AVX512-BF16) and measures them
 again in float32, so a found distance is exact and only a near tie can pick a slightly
-farther entry. ``int8`` does the same with int8 products (one quantization step for the
-bank and the queries, each entry's squared norm folded into the product as integer
-columns). With ``dims``, both run their products on the bank's first principal axes
+farther entry; ``float32`` picks them the same way with float32 products (for CPUs with
+neither bfloat16 nor int8 units: only the principal axes make it faster than exact).
+``int8`` does the same with int8 products (one quantization step for the bank and the
+queries, each entry's squared norm folded into the product as integer columns). With
+``dims``, all three run their products on the bank's first principal axes
 (``on_principal_axes``): fewer products, candidates less often the nearest. An ONNX
 export of the default search runs the int8 one (``export_search``: ONNX Runtime has int8
 matrix products on every x86 CPU, no bfloat16 ones). The faiss modes
@@ -27,7 +29,16 @@ import torch
 
 from vitqc.cpu import amx_tiles, native_int8
 
-SEARCHES = ("auto", "exact", "bfloat16", "int8", "faiss-flat", "faiss-hnsw", "faiss-ivf")
+SEARCHES = (
+    "auto",
+    "exact",
+    "bfloat16",
+    "float32",
+    "int8",
+    "faiss-flat",
+    "faiss-hnsw",
+    "faiss-ivf",
+)
 
 
 def resolve_search(search: str) -> str:
@@ -35,13 +46,15 @@ def resolve_search(search: str) -> str:
     that moved no test figure by more than 0.002 on magnetic_tile and kolektorsdd (the
     notes of the speed issue): ``bfloat16`` on CPUs with AMX tiles, ``int8`` on CPUs with
     int8 dot products (VNNI) but no AMX (on an AMD EPYC with AVX512-BF16 the int8 search
-    took less than half the bfloat16 one's time), ``exact`` elsewhere (emulated bfloat16
-    or int8 products would be slower than float32)."""
+    took less than half the bfloat16 one's time), ``float32`` candidates elsewhere
+    (emulated bfloat16 or int8 products would be slower than float32 ones; on 64
+    principal axes the float32 candidates took 99 against 148 ms per image for the exact
+    search on magnetic_tile's bank, on an AMD EPYC with AVX2 only)."""
     if search != "auto":
         return search
     if amx_tiles():
         return "bfloat16"
-    return "int8" if native_int8() else "exact"
+    return "int8" if native_int8() else "float32"
 
 
 def export_search(search: str) -> str:
@@ -104,13 +117,14 @@ def _block_min_sq_distances(
     return (best + queries.pow(2).sum(1)).clamp_min(0)
 
 
-#: Bank entries per group of the bfloat16 search: each bank block's candidate for a query
+#: Bank entries per group of the candidate searches: each bank block's candidate for a query
 #: is the nearest entry of its nearest group (a minimum over every group, then over one).
 GROUP = 64
-#: Width of the bfloat16 search's products: the bank's ``D`` values, its squared norm and
-#: zeros up to a multiple of this (the matrix units' tile width; a block's product with
-#: 153 values took 0.59 ms, with 160 0.55).
-_TILE = 32
+#: Width of the candidate searches' products by type: the bank's ``D`` values, its
+#: squared norm and zeros up to a multiple of this. bfloat16: the matrix units' tile width
+#: (a block's product with 153 values took 0.59 ms, with 160 0.55); float32: a multiple
+#: of 8 (on 64 axes 72 values took 91 ms per magnetic_tile image, 96 took 114).
+_TILE = {torch.bfloat16: 32, torch.float32: 8}
 
 
 @dataclass(frozen=True)
@@ -142,38 +156,42 @@ def on_principal_axes(
 
 
 @dataclass(frozen=True)
-class Bfloat16Bank:
-    """The bank as the bfloat16 search takes it: ``rows [M, D']`` bfloat16
-    ``[-2 b, |b|^2, 0...]`` (on the principal ``axes``, if any); a product with a
-    query's ``[q, 1, 0...]`` is ``|b|^2 - 2 q.b``, its squared distance less ``|q|^2``."""
+class CandidateBank:
+    """The bank as the bfloat16 and float32 candidate searches take it: ``rows [M, D']``
+    in the search's type, ``[-2 b, |b|^2, 0...]`` (on the principal ``axes``, if any); a
+    product with a query's ``[q, 1, 0...]`` is ``|b|^2 - 2 q.b``, its squared distance
+    less ``|q|^2``."""
 
     rows: torch.Tensor
     axes: PrincipalAxes = PrincipalAxes()
 
 
-def bfloat16_search_bank(bank: torch.Tensor, bank_sq: torch.Tensor, dims: int = 0) -> Bfloat16Bank:
-    """``Bfloat16Bank`` of ``bank [M, D]`` (float32) with squared norms ``bank_sq``, on
-    its first ``dims`` principal axes (``on_principal_axes``; 0: every dimension)."""
+def candidate_search_bank(
+    bank: torch.Tensor, bank_sq: torch.Tensor, dims: int = 0, dtype: torch.dtype = torch.bfloat16
+) -> CandidateBank:
+    """``CandidateBank`` of ``bank [M, D]`` (float32) with squared norms ``bank_sq``, in
+    ``dtype`` (bfloat16 or float32), on its first ``dims`` principal axes
+    (``on_principal_axes``; 0: every dimension)."""
     bank, bank_sq, axes = on_principal_axes(bank, bank_sq, dims)
     m, d = bank.shape
-    width = -(-(d + 1) // _TILE) * _TILE
+    width = -(-(d + 1) // _TILE[dtype]) * _TILE[dtype]
     rows = bank.new_zeros(m, width)
     rows[:, :d] = bank * -2
     rows[:, d] = bank_sq
-    return Bfloat16Bank(rows.to(torch.bfloat16), axes)
+    return CandidateBank(rows.to(dtype), axes)
 
 
-def bfloat16_min_sq_distances(
+def candidate_min_sq_distances(
     queries: torch.Tensor,
     bank: torch.Tensor,
     bank_sq: torch.Tensor,
-    search_bank: Bfloat16Bank,
+    search_bank: CandidateBank,
     block: int = BANK_BLOCK,
     query_block: int = QUERY_BLOCK,
 ) -> torch.Tensor:
     """``exact_min_sq_distances`` from candidates: per block of the bank, the entry
-    nearest each query by a bfloat16 product (``search_bank``, from
-    ``bfloat16_search_bank``), then the float32 distance to every block's candidate."""
+    nearest each query by a product in the search bank's type (``search_bank``, from
+    ``candidate_search_bank``), then the float32 distance to every block's candidate."""
     rows = search_bank.rows
 
     def search(q: torch.Tensor) -> torch.Tensor:
@@ -182,7 +200,7 @@ def bfloat16_min_sq_distances(
         augmented = q.new_zeros(rows.shape[1], n)
         augmented[:d] = keys.T
         augmented[d] = 1
-        augmented = augmented.to(torch.bfloat16)
+        augmented = augmented.to(rows.dtype)
         candidates = torch.stack(
             [
                 start + _nearest_in_block(rows[start : start + block] @ augmented)
