@@ -276,21 +276,35 @@ def test_exported_block_argmax_is_the_first_largest_product(tmp_path, width) -> 
     within the winning group; a plain ``ArgMax`` for a partial block) gives in ONNX
     Runtime the column ``argmax`` gives: the first of equal products, ties within and
     across groups included."""
-    import onnxruntime as ort
-
-    from vitqc.export import OPSET
-
     generator = torch.Generator().manual_seed(1)
     # few distinct values: many equal products
     rows = torch.randint(-2, 3, (8, width), generator=generator, dtype=torch.int8)
     queries = torch.randint(-2, 3, (300, 8), generator=generator).float()
+
+    search, session = _block_argmax_graph(rows, queries, tmp_path / "argmax.onnx")
+    want = (queries.int() @ rows.int()).argmax(1)
+    for n in (300, 1):
+        found = session.run(None, {"q": queries[:n].numpy()})[0]
+        assert found.shape == (n,)
+        np.testing.assert_array_equal(found, want[:n].numpy())
+    assert torch.equal(search(queries), want)
+
+
+def _block_argmax_graph(
+    rows: torch.Tensor, queries: torch.Tensor, path
+) -> tuple[torch.nn.Module, object]:
+    """The int8 search's block argmax over ``rows`` for integer-valued float ``queries``
+    (quantized with step 1), as a torch module and as an ONNX Runtime session of its
+    exported graph (any number of queries)."""
+    import onnxruntime as ort
+
+    from vitqc.export import OPSET
 
     class Search(torch.nn.Module):
         def forward(self, q: torch.Tensor) -> torch.Tensor:
             quantized = neighbours._QuantizeQueries.apply(q, 1.0)
             return neighbours._BlockArgmax.apply(quantized, rows)
 
-    path = tmp_path / "argmax.onnx"
     torch.onnx.export(
         Search(),
         (queries,),
@@ -300,13 +314,7 @@ def test_exported_block_argmax_is_the_first_largest_product(tmp_path, width) -> 
         input_names=["q"],
         dynamic_axes={"q": {0: "n"}},
     )
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    want = (queries.int() @ rows.int()).argmax(1)
-    for n in (300, 1):
-        found = session.run(None, {"q": queries[:n].numpy()})[0]
-        assert found.shape == (n,)
-        np.testing.assert_array_equal(found, want[:n].numpy())
-    assert torch.equal(Search()(queries), want)
+    return Search(), ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
 def test_int8_rows_are_exact_in_onnx_runtime_without_vnni(tmp_path, bank_and_queries) -> None:
@@ -315,10 +323,6 @@ def test_int8_rows_are_exact_in_onnx_runtime_without_vnni(tmp_path, bank_and_que
     products of large queries came out wrong there. Every value of the search rows is
     within 64, so the graph's block argmax is the exact one for any query, the
     extremes of uint8 included (on CPUs with VNNI this holds either way)."""
-    import onnxruntime as ort
-
-    from vitqc.export import OPSET
-
     bank, _ = bank_and_queries
     b = torch.from_numpy(bank)
     for int8 in (
@@ -333,16 +337,7 @@ def test_int8_rows_are_exact_in_onnx_runtime_without_vnni(tmp_path, bank_and_que
     queries[:50] = 127.0  # the largest uint8 values, 255, against every column
     queries[50:100] = -128.0
 
-    class Search(torch.nn.Module):
-        def forward(self, q: torch.Tensor) -> torch.Tensor:
-            quantized = neighbours._QuantizeQueries.apply(q, 1.0)
-            return neighbours._BlockArgmax.apply(quantized, rows)
-
-    path = tmp_path / "rows.onnx"
-    torch.onnx.export(
-        Search(), (queries,), str(path), opset_version=OPSET, dynamo=False, input_names=["q"]
-    )
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    _, session = _block_argmax_graph(rows, queries, tmp_path / "rows.onnx")
     found = session.run(None, {"q": queries.numpy()})[0]
     want = (queries.long() @ rows.long()).argmax(1)
     np.testing.assert_array_equal(found, want.numpy())

@@ -272,7 +272,7 @@ class Int8Bank:
 
     blocks: tuple[torch.Tensor, ...]
     scale: float  # the queries' quantization step
-    bank_scale: float  # the rows' step (twice ``scale``: values within _BANK_MAX)
+    bank_scale: float  # the rows' step (127 / 64 x ``scale``: values within _BANK_MAX)
     query_columns: torch.Tensor  # [D' - D] float32, multiples of scale
     axes: PrincipalAxes = PrincipalAxes()
 
@@ -295,12 +295,12 @@ def principal_axes(bank: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.T
 def int8_search_bank(
     bank: torch.Tensor, bank_sq: torch.Tensor, block: int = BANK_BLOCK, dims: int = 0
 ) -> Int8Bank:
-    """``Int8Bank`` of ``bank [M, D]`` (float32) with squared norms ``bank_sq``: one
-    quantization step, the largest magnitude over ``_BANK_MAX`` (queries up to twice
-    that; beyond it they saturate, which only changes which candidate the products
-    pick: its distance is measured again). ``0 < dims < D``: the products run on the
-    bank's first ``dims`` principal axes (``on_principal_axes``: the norm columns then
-    come from ``|b - mu|^2``)."""
+    """``Int8Bank`` of ``bank [M, D]`` (float32) with squared norms ``bank_sq``: the
+    queries' quantization step is the bank's largest magnitude over 127 (queries beyond
+    that magnitude saturate, which only changes which candidate the products pick: its
+    distance is measured again), the bank's the same over ``_BANK_MAX``. ``0 < dims <
+    D``: the products run on the bank's first ``dims`` principal axes
+    (``on_principal_axes``: the norm columns then come from ``|b - mu|^2``)."""
     bank, bank_sq, axes = on_principal_axes(bank, bank_sq, dims)
     m, d = bank.shape
     largest = max(float(bank.abs().max()), 1e-12)
