@@ -28,7 +28,7 @@ from vitqc.pipeline import score_features
 from vitqc.report.evaluation import evaluate_predictions
 
 DEFAULT_MODES = (
-    "exact,bfloat16,int8,faiss-flat,faiss-hnsw:ef_search=16,faiss-hnsw:ef_search=32,"
+    "exact,bfloat16,float32,int8,faiss-flat,faiss-hnsw:ef_search=16,faiss-hnsw:ef_search=32,"
     "faiss-hnsw:ef_search=64,faiss-ivf:nprobe=1,faiss-ivf:nprobe=4,faiss-ivf:nprobe=16"
 )
 METRICS = ("image_auroc", "pixel_auroc", "aupro")
