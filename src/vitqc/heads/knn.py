@@ -27,6 +27,7 @@ import torch
 from vitqc.errors import VitqcError
 from vitqc.heads.base import DerivedValues, FeatureStandardizer, Head, concat_at_finest
 from vitqc.heads.neighbours import (
+    CANDIDATE_TYPES,
     SEARCHES,
     CandidateBank,
     Int8Bank,
@@ -198,9 +199,8 @@ class KNNHead(Head):
         self.search = search
         if search_dims is not None and search_dims != self.search_dims:
             self.search_dims = search_dims
-            self._derived.drop("int8_bank")
-            self._derived.drop("bfloat16_bank")
-            self._derived.drop("float32_bank")
+            for name in ("int8", *CANDIDATE_TYPES):
+                self._derived.drop(f"{name}_bank")
         self.search_params = replace(self.search_params, **params)
         self._derived.drop("index")
 
@@ -222,7 +222,7 @@ class KNNHead(Head):
     def candidate_bank(self, search: str = "bfloat16") -> CandidateBank:
         """The bank as the bfloat16 or float32 candidate search takes it
         (``candidate_search_bank``, on ``search_dims`` principal axes)."""
-        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[search]
+        dtype = CANDIDATE_TYPES[search]
         return self._from_bank(
             f"{search}_bank",
             lambda: candidate_search_bank(*self.search_bank(), self.search_dims, dtype),
@@ -265,11 +265,11 @@ class KNNHead(Head):
             raise VitqcError("the knn head has an empty memory bank: prepare() it first")
         tracing = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
         search = export_search(self.search) if tracing else resolve_search(self.search)
-        if search in ("exact", "bfloat16", "float32", "int8"):
+        if search in ("exact", "int8", *CANDIDATE_TYPES):
             bank, bank_sq = self.search_bank()
         if search == "exact":
             d2 = exact_min_sq_distances(queries, bank, bank_sq=bank_sq)
-        elif search in ("bfloat16", "float32"):
+        elif search in CANDIDATE_TYPES:
             d2 = candidate_min_sq_distances(queries, bank, bank_sq, self.candidate_bank(search))
         elif search == "int8":
             d2 = int8_min_sq_distances(queries, bank, bank_sq, self.int8_bank())

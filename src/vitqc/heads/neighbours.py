@@ -120,6 +120,8 @@ def _block_min_sq_distances(
 #: Bank entries per group of the candidate searches: each bank block's candidate for a query
 #: is the nearest entry of its nearest group (a minimum over every group, then over one).
 GROUP = 64
+#: The candidate searches whose products run in a floating-point type, and that type.
+CANDIDATE_TYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 #: Width of the candidate searches' products by type: the bank's ``D`` values, its
 #: squared norm and zeros up to a multiple of this. bfloat16: the matrix units' tile width
 #: (a block's product with 153 values took 0.59 ms, with 160 0.55); float32: a multiple
@@ -314,8 +316,7 @@ def int8_search_bank(
     width = -(-(d + len(columns)) // _INT8_WIDTH) * _INT8_WIDTH
     rows = torch.zeros(width, m, dtype=torch.float64)
     rows[:d] = quantized.T
-    for i, part in enumerate(columns):
-        rows[d + i] = -part
+    rows[d : d + len(columns)] = -torch.stack(columns)
     query_columns = torch.zeros(width - d)
     query_columns[: len(coarse_columns)] = _INT8_MAX * scale
     query_columns[len(coarse_columns) : len(columns)] = scale
