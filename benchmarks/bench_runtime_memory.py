@@ -18,13 +18,11 @@ from pathlib import Path
 _CHILD = """
 import sys
 import numpy as np
+import psutil
 from vitqc.runtime import ExportedModel
 
 def rss_mb():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
+    return psutil.Process().memory_info().rss / 2**20
 
 base = rss_mb()
 model = ExportedModel(sys.argv[1], threads=1)

@@ -7,7 +7,7 @@ client threads, each on its own keep-alive connection. Latency is the client's, 
 sending to the last byte of the answer, over the requests answered 200; answered/s
 counts every answer, decisions/s the 200s. 503s (queue full, answered at once with
 ``Retry-After``) are counted apart from other errors. The server's resident memory
-(VmRSS) is read before and after each level. Last, hostile uploads (garbage, a
+(RSS, psutil) is read before and after each level. Last, hostile uploads (garbage, a
 truncated PNG, a 20000 x 20000 PNG bomb, a 30 MB body, a request without the key) with
 their status and time. Run:
 
@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import psutil
 from PIL import Image
 
 from vitqc.data.io import expand_inputs
@@ -45,10 +46,7 @@ def free_port() -> int:
 
 
 def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return psutil.Process(pid).memory_info().rss / 2**20
 
 
 def post(conn: http.client.HTTPConnection, body: bytes, headers: dict[str, str]) -> int:

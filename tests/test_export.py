@@ -597,11 +597,10 @@ def test_runtime_matches_predict_on_real_images(exported, tmp_path):
 
 
 _RSS_MB = """
+import psutil
+
 def rss_mb():
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
+    return psutil.Process().memory_info().rss / 2**20
 """
 
 _ARENA_CHILD = (
