@@ -108,9 +108,11 @@ def test_tiny_grid_fills_the_database(real_grid):
         for key in ("image_auroc", "pixel_auroc", "aupro", "image_prauc", "threshold"):
             assert run[key] is not None and 0 <= run[key] <= 1 or key == "threshold"
         assert run["metrics"]["n_test"] == 7
-        assert set(run["per_defect"]) and all(
-            "image_auroc" in v for v in run["per_defect"].values()
-        )
+        assert set(run["per_defect"]) == set(run["metrics"]["per_defect_type"])
+        for defect_type, figures in run["per_defect"].items():
+            measured = run["metrics"]["per_defect_type"][defect_type]
+            for key in ("image_auroc", "pixel_auroc", "aupro"):
+                assert 0 <= figures[key] <= 1 and figures[key] == measured[key], key
         assert run["feature_seconds"] > 0 and run["head_seconds"] > 0
         for col in ("backbone_ms_b1", "backbone_ms_b32", "pipeline_ms_b1", "pipeline_ms_b32"):
             assert run[col] > 0, col

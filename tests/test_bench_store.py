@@ -145,7 +145,15 @@ def hand_made_db(
                     )
                 store.record(
                     make_run(name, category, **extra),
-                    {"crack": {"image_auroc": 0.9, "n_test": 3}, "hole": {"image_auroc": 0.7}},
+                    {
+                        "crack": {
+                            "image_auroc": 0.9,
+                            "pixel_auroc": 0.95,
+                            "aupro": 0.8,
+                            "n_test": 3,
+                        },
+                        "hole": {"image_auroc": 0.7},
+                    },
                 )
         store.record(
             {
@@ -257,7 +265,12 @@ def test_record_round_trip_and_replace(tmp_path):
         assert row["pixel_auroc"] is None  # nan is stored as NULL
         assert row["layers"] == [11] and row["feature_sizes"] == [[14, 14]]
         assert row["config"] == {"model": "deit_flow", "category": "grid"}
-        assert row["per_defect"]["crack"] == {"image_auroc": 0.5, "n_test": 2}
+        assert row["per_defect"]["crack"] == {
+            "image_auroc": 0.5,
+            "pixel_auroc": None,
+            "aupro": None,
+            "n_test": 2,
+        }
         assert row["created_at"]
         assert store.status_of("deit_flow-grid") == "ok"
         assert store.status_of("nope") is None
@@ -305,3 +318,63 @@ def test_hand_made_db(tmp_path):
         assert store.counts() == {"ok": len(MODELS) * len(CATEGORIES), "error": 1}
         (err,) = store.runs("error")
         assert "no_such_backbone" in err["error"]
+
+
+_SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, cell_key TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL, error TEXT, dataset TEXT NOT NULL, category TEXT NOT NULL,
+    backbone TEXT NOT NULL, layers TEXT, weights TEXT, head TEXT NOT NULL,
+    method TEXT NOT NULL, config_json TEXT NOT NULL, image_auroc REAL, pixel_auroc REAL,
+    aupro REAL, image_prauc REAL, f1 REAL, precision REAL, recall REAL, threshold REAL,
+    metrics_json TEXT, feature_seconds REAL, head_seconds REAL, eval_seconds REAL,
+    backbone_ms_b1 REAL, backbone_ms_b32 REAL, pipeline_ms_b1 REAL, pipeline_ms_b32 REAL,
+    features_reused INTEGER, backbone_params INTEGER, head_params INTEGER,
+    bundle_bytes INTEGER, feature_channels TEXT, feature_sizes TEXT, input_size TEXT,
+    n_train INTEGER, n_val INTEGER, n_test INTEGER, cpu_model TEXT, threads INTEGER,
+    torch_version TEXT, device TEXT, machine_json TEXT, vitqc_version TEXT,
+    created_at TEXT NOT NULL, artifacts TEXT
+);
+CREATE TABLE per_defect (
+    run_id INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+    defect_type TEXT NOT NULL, image_auroc REAL, n_test INTEGER,
+    PRIMARY KEY (run_id, defect_type)
+);
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO runs (cell_key, status, dataset, category, backbone, head, method, config_json,
+    metrics_json, created_at)
+VALUES ('old', 'ok', 'mvtec', 'grid', 'deit', 'flow', 'deit+flow', '{}',
+    '{"per_defect_type": {"crack": {"image_auroc": 0.9, "pixel_auroc": 0.97,
+      "aupro": 0.85, "n_test": 3}, "hole": {"image_auroc": 0.6, "n_test": 1}}}',
+    '2026-01-01T00:00:00+00:00');
+INSERT INTO per_defect VALUES (1, 'crack', 0.9, 3), (1, 'hole', 0.6, 1);
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_schema_1_database_is_upgraded_with_its_rows(tmp_path):
+    """Schema 1 kept only image AUROC per defect type: opening it adds the localization
+    columns, filled from each run's stored metrics (NULL where it had none), keeps every
+    row, and new rows record all three figures."""
+    db = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(db)
+    conn.executescript(_SCHEMA_1)
+    conn.close()
+    with open_store(db, create=False) as store:
+        assert store.meta("schema_version") == str(SCHEMA_VERSION) == "2"
+        assert store.conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        (old,) = store.runs()
+        assert old["cell_key"] == "old"
+        assert old["per_defect"] == {
+            "crack": {"image_auroc": 0.9, "pixel_auroc": 0.97, "aupro": 0.85, "n_test": 3},
+            "hole": {"image_auroc": 0.6, "pixel_auroc": None, "aupro": None, "n_test": 1},
+        }
+        store.record(
+            make_run("eff_flow", "grid"),
+            {"crack": {"image_auroc": 0.5, "pixel_auroc": 0.7, "aupro": 0.4, "n_test": 2}},
+        )
+        assert store.runs()[1]["per_defect"]["crack"]["aupro"] == 0.4
+    with open_store(db) as store:  # opened again: nothing left to upgrade
+        assert [r["cell_key"] for r in store.runs()] == ["old", "eff_flow-grid"]
+        assert store.integrity_ok()

@@ -92,6 +92,8 @@ def test_report_is_self_contained(report):
         assert f"gallery mvtec {cat}" in images
     for title in ("Table 1", "Tables 3/4", "Tables 5/6", "Failed runs", "no_such_backbone"):
         assert title in html
+    # a defect type's localization figures where the run had them, image AUROC alone not
+    assert "crack: 90.00 (pixel 95.00, AUPRO 80.00), hole: 70.00" in html
     assert oct(report.stat().st_mode & 0o044) == oct(0o044)  # readable by others
 
 

@@ -22,7 +22,9 @@ Schema (version ``SCHEMA_VERSION``, also in ``PRAGMA user_version`` and table ``
     ``artifacts`` is the cell's folder (curves and gallery) relative to the artifacts
     folder beside the database.
 ``per_defect``
-    ``(run_id, defect_type)`` -> ``image_auroc``, ``n_test``.
+    ``(run_id, defect_type)`` -> ``image_auroc``, ``pixel_auroc``, ``aupro`` (the
+    localization figures of that type's images against every good image; NULL without
+    masks), ``n_test``.
 ``meta``
     key/value: ``schema_version``, ``created_at``, and ``artifacts_dir`` when the first
     run chose the artifacts folder (``--artifacts``).
@@ -41,7 +43,7 @@ from typing import Any
 
 from vitqc.errors import VitqcError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_DB = "results.sqlite"
 
 METRIC_COLUMNS = (
@@ -54,6 +56,8 @@ METRIC_COLUMNS = (
     "recall",
     "threshold",
 )
+#: A defect type's figures in ``per_defect`` (schema 2 added the localization ones).
+PER_DEFECT_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 TIMING_COLUMNS = (
     "feature_seconds",
     "head_seconds",
@@ -108,11 +112,36 @@ CREATE INDEX IF NOT EXISTS runs_by_cell ON runs (dataset, category, backbone, he
 CREATE TABLE IF NOT EXISTS per_defect (
     run_id       INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
     defect_type  TEXT NOT NULL,
-    image_auroc  REAL,
+    {", ".join(f"{c} REAL" for c in PER_DEFECT_METRICS)},
     n_test       INTEGER,
     PRIMARY KEY (run_id, defect_type)
 );
 """
+
+
+def _migrate_1_to_2(conn: sqlite3.Connection) -> None:
+    """Schema 2: ``per_defect`` holds the localization figures too, filled for earlier
+    rows from the run's stored metrics where they have them."""
+    for column in ("pixel_auroc", "aupro"):
+        conn.execute(f"ALTER TABLE per_defect ADD COLUMN {column} REAL")
+    runs = conn.execute("SELECT id, metrics_json FROM runs WHERE metrics_json IS NOT NULL")
+    for run_id, metrics_json in runs.fetchall():
+        per_type = json.loads(metrics_json).get("per_defect_type") or {}
+        for defect_type, vals in per_type.items():
+            conn.execute(
+                "UPDATE per_defect SET pixel_auroc = ?, aupro = ? "
+                "WHERE run_id = ? AND defect_type = ?",
+                (
+                    _clean_float(vals.get("pixel_auroc")),
+                    _clean_float(vals.get("aupro")),
+                    run_id,
+                    str(defect_type),
+                ),
+            )
+
+
+#: ``_MIGRATIONS[v]`` brings a database of schema ``v`` to ``v + 1``.
+_MIGRATIONS = {1: _migrate_1_to_2}
 
 # Columns a caller may set through ``ResultsStore.record``; everything else is derived.
 _RUN_COLUMNS = (
@@ -297,12 +326,12 @@ class ResultsStore:
             run_id = int(cur.lastrowid or 0)
             for defect_type, vals in (per_defect or {}).items():
                 conn.execute(
-                    "INSERT INTO per_defect (run_id, defect_type, image_auroc, n_test) "
-                    "VALUES (?, ?, ?, ?)",
+                    f"INSERT INTO per_defect (run_id, defect_type, "
+                    f"{', '.join(PER_DEFECT_METRICS)}, n_test) VALUES (?, ?, ?, ?, ?, ?)",
                     (
                         run_id,
                         str(defect_type),
-                        _clean_float(vals.get("image_auroc")),
+                        *(_clean_float(vals.get(m)) for m in PER_DEFECT_METRICS),
                         vals.get("n_test"),
                     ),
                 )
@@ -328,10 +357,14 @@ class ResultsStore:
         names = [d[0] for d in cur.description]
         rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
         per: dict[int, dict[str, dict[str, Any]]] = {}
-        for run_id, dt, auroc, n in self.conn.execute(
-            "SELECT run_id, defect_type, image_auroc, n_test FROM per_defect ORDER BY defect_type"
+        for run_id, defect_type, *figures, n in self.conn.execute(
+            f"SELECT run_id, defect_type, {', '.join(PER_DEFECT_METRICS)}, n_test "
+            "FROM per_defect ORDER BY defect_type"
         ):
-            per.setdefault(run_id, {})[dt] = {"image_auroc": auroc, "n_test": n}
+            per.setdefault(run_id, {})[defect_type] = {
+                **dict(zip(PER_DEFECT_METRICS, figures, strict=True)),
+                "n_test": n,
+            }
         for row in rows:
             for col in (*_JSON_COLUMNS, "config_json", "metrics_json", "machine_json"):
                 if row.get(col):
@@ -353,11 +386,32 @@ class ResultsStore:
         return row is not None and row[0] == "ok"
 
 
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring an older database to ``SCHEMA_VERSION`` in one transaction (its rows kept),
+    under the write lock: another process may be upgrading it at the same time."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        while version < SCHEMA_VERSION:
+            _MIGRATIONS[version](conn)
+            version += 1
+        conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
 def open_store(path: str | Path = DEFAULT_DB, create: bool = True) -> ResultsStore:
     """Open (and with ``create`` make) a results database, checking its schema version.
 
     A database written by a newer vitqc (higher schema version) is refused rather than
-    misread; a file that is not SQLite is a one-line error naming it.
+    misread; an older one is upgraded in place, keeping its rows (``_MIGRATIONS``); a
+    file that is not SQLite is a one-line error naming it.
     """
     path = Path(path)
     if not create and not path.is_file():
@@ -407,6 +461,8 @@ def open_store(path: str | Path = DEFAULT_DB, create: bool = True) -> ResultsSto
                 conn.execute("ROLLBACK")
                 raise
             conn.execute("COMMIT")
+        elif version < SCHEMA_VERSION:
+            _upgrade(conn)
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise VitqcError(f"cannot open results database {path}: {exc}") from exc
