@@ -160,6 +160,36 @@ def test_mask_size_mismatch_and_corrupt_file(tmp_path: Path) -> None:
         read_image(cat / "test" / "good" / "000.png")
 
 
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_wide_grayscale_images_are_read_or_refused_never_clipped(
+    tmp_path: Path, suffix: str
+) -> None:
+    """Pillow's RGB conversion clips 16-bit grayscale at 255 (a 12-bit camera image came
+    out white). Values that fit 8 bits are read exactly; wider ones are a one-line error
+    naming the file; floating-point pixels within [0, 1] are scaled by 255."""
+    ramp = np.linspace(0, 1, 256)[None].repeat(3, 0)
+    narrow = tmp_path / f"narrow{suffix}"
+    Image.fromarray(np.rint(ramp * 200).astype(np.uint16)).save(narrow)
+    with Image.open(narrow) as img:
+        assert img.mode.startswith("I")  # a 16-bit file, not Pillow's 8-bit "L"
+    out = read_image(narrow)
+    assert out.dtype == np.uint8 and out.shape == (3, 256, 3)
+    assert np.array_equal(out[..., 1], np.rint(ramp * 200)) and (out[..., 0] == out[..., 2]).all()
+    wide = tmp_path / f"mono12{suffix}"
+    Image.fromarray(np.rint(ramp * 4095).astype(np.uint16)).save(wide)
+    with pytest.raises(
+        VitqcError, match=r"mono12\.\w+: I;16\w* grayscale pixels ranging 0 to 4095"
+    ):
+        read_image(wide)
+    if suffix == ".tif":  # PNG has no floating-point pixels
+        unit = tmp_path / "unit.tif"
+        Image.fromarray(ramp.astype(np.float32)).save(unit)
+        assert np.array_equal(read_image(unit)[..., 0], np.rint(ramp * 255))
+        Image.fromarray((ramp * 2).astype(np.float32)).save(unit)
+        with pytest.raises(VitqcError, match=r"unit\.tif: floating-point pixels ranging 0 to 2"):
+            read_image(unit)
+
+
 def test_mvtec_training_only_and_hidden_files(tmp_path: Path) -> None:
     cat = tmp_path / "plain"
     for i in range(3):

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import pytest
 from PIL import Image
@@ -252,6 +253,13 @@ def _one_line_error(out: bytes) -> str:
     return json.loads(text)["detail"]
 
 
+def mono12_png() -> bytes:
+    """A 12-bit camera image saved as 16-bit PNG: refused, never clipped at 255."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 4000, np.uint16)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def test_hostile_uploads_are_refused_quickly(server, fitted):
     _, _, _, files = fitted
     before = server.rss_mb()
@@ -265,6 +273,7 @@ def test_hostile_uploads_are_refused_quickly(server, fitted):
         ("30 MB", b"\0" * (30 << 20), "image/png", 413),
         ("empty", b"", "image/png", 422),
         ("text", b"hello", "text/plain", 415),
+        ("12-bit", mono12_png(), "image/png", 415),
     ]
     for name, body, ctype, expected in cases:
         start = time.perf_counter()

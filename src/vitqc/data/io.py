@@ -20,12 +20,23 @@ def is_image_file(path: Path) -> bool:
     return suffix_ok and not path.name.startswith(".") and path.is_file()
 
 
+#: Pillow modes of more than 8 bits per pixel (16-bit and 32-bit integer, 32-bit float):
+#: Pillow's conversion to RGB clips their values at 255.
+_WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+
+
+class UnsupportedImage(ValueError):
+    """Pixels that cannot be brought to 8 bits without losing what they show."""
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as uint8 RGB ``[H, W, 3]``; grayscale becomes 3 identical channels."""
     path = Path(path)
     try:
         with Image.open(path) as img:
             return image_array(img)
+    except UnsupportedImage as exc:
+        raise VitqcError(f"cannot read image {path}: {exc}") from exc
     except FileNotFoundError as exc:
         raise VitqcError(f"image not found: {path}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -35,8 +46,26 @@ def read_image(path: str | Path) -> np.ndarray:
 def image_array(img: Image.Image) -> np.ndarray:
     """An opened Pillow image decoded as uint8 RGB ``[H, W, 3]`` (grayscale and palette
     images converted by Pillow): what ``read_image`` returns, also for images that were
-    not read from a file (the service's uploads)."""
+    not read from a file (the service's uploads).
+
+    Grayscale images of 16 or 32 bits (machine-vision cameras' Mono12 / Mono16 saved as
+    PNG or TIFF) are taken when every value fits in 8 bits, floating-point ones when every
+    value is within [0, 1] (times 255), and others refused (``UnsupportedImage``): Pillow
+    would clip them at 255, and no scale chosen per image keeps brightness comparable
+    between images."""
     img.load()
+    if img.mode in _WIDE_MODES:
+        pixels = np.asarray(img)
+        if pixels.dtype.kind == "f" and pixels.min() >= 0 and pixels.max() <= 1:
+            pixels = np.rint(pixels * 255)
+        elif pixels.dtype.kind == "f" or pixels.min() < 0 or pixels.max() > 255:
+            kind = "floating-point" if pixels.dtype.kind == "f" else f"{img.mode} grayscale"
+            raise UnsupportedImage(
+                f"{kind} pixels ranging {pixels.min():g} to {pixels.max():g}, and vitqc "
+                "reads 8-bit images: convert them to 8 bits with one scale for every image "
+                "(for 12-bit data, value x 255 / 4095)"
+            )
+        img = Image.fromarray(pixels.astype(np.uint8))
     rgb = img.convert("RGB")
     return np.array(rgb, dtype=np.uint8)  # a writable copy (asarray of a PIL image is read-only)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vitqc.data.io import image_array
+from vitqc.data.io import UnsupportedImage, image_array
 
 __all__ = ["FORMATS", "ImageRejected", "ImageHeader", "decode", "probe"]
 
@@ -81,6 +81,8 @@ def decode(data: bytes, name: str, max_pixels: int) -> np.ndarray:
     with _open(data, name, max_pixels) as img:
         try:
             return image_array(img)
+        except UnsupportedImage as exc:
+            raise ImageRejected(415, f"{name}: {exc}") from exc
         except MemoryError as exc:
             raise ImageRejected(413, f"{name}: too large to decode") from exc
         except Exception as exc:  # truncated data, broken streams: Pillow's many types
