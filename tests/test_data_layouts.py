@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitqc.data.io import load_image, load_mask, read_image
+from vitqc.data.io import load_image, load_mask, read_image, read_mask
 from vitqc.data.layouts import (
     FORMATS,
     detect_format,
@@ -24,6 +24,7 @@ from vitqc.data.layouts import (
 from vitqc.data.records import Sample
 from vitqc.data.split import split_train_val
 from vitqc.errors import VitqcError
+from vitqc.report.evaluation import original_shape
 
 MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 
@@ -188,6 +189,26 @@ def test_wide_grayscale_images_are_read_or_refused_never_clipped(
         Image.fromarray((ramp * 2).astype(np.float32)).save(unit)
         with pytest.raises(VitqcError, match=r"unit\.tif: floating-point pixels ranging 0 to 2"):
             read_image(unit)
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_exif_orientation_is_applied_to_images_and_masks(tmp_path: Path, suffix: str) -> None:
+    """A photo taken with the camera on its side is stored 40 x 20 with an EXIF tag that
+    every viewer applies: it is read as the 20 x 40 picture people see and draw masks on."""
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :10] = 255  # a white band on the left as stored: on top once turned
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to display
+    image.save(tmp_path / f"part{suffix}", exif=exif)
+    Image.fromarray(stored[..., 0]).save(tmp_path / "mask.png", exif=exif)
+    pixels = read_image(tmp_path / f"part{suffix}")
+    assert pixels.shape == (40, 20, 3)
+    assert (pixels[:8] > 240).all() and (pixels[12:] < 15).all()
+    mask = read_mask(tmp_path / "mask.png")
+    assert mask.shape == (40, 20) and mask[:10].all() and not mask[10:].any()
+    sample = Sample(key="part", label=1, defect_type="dent", path=tmp_path / f"part{suffix}")
+    assert original_shape(sample) == (40, 20)  # from the header, as the pixels are read
 
 
 def test_mvtec_training_only_and_hidden_files(tmp_path: Path) -> None:

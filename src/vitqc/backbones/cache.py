@@ -38,8 +38,9 @@ from vitqc.data.records import Sample
 from vitqc.data.transforms import Preprocessor, resize_batch, resize_tensor
 from vitqc.errors import VitqcError
 
-#: Bump when resizing or storage changes, so old cache entries are not reused.
-PIPELINE_VERSION = 1
+#: Bump when decoding, resizing or storage changes, so old cache entries are not reused
+#: (2: EXIF orientation applied).
+PIPELINE_VERSION = 2
 
 
 def default_cache_root() -> Path:

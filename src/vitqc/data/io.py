@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vitqc.data.records import Sample
 from vitqc.errors import VitqcError
@@ -27,6 +27,18 @@ _WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
 
 class UnsupportedImage(ValueError):
     """Pixels that cannot be brought to 8 bits without losing what they show."""
+
+
+#: EXIF orientations that turn the picture by 90 degrees (width and height swap).
+_QUARTER_TURNS = (5, 6, 7, 8)
+
+
+def displayed_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image as ``image_array`` returns it (its EXIF
+    orientation applied), from the header alone."""
+    width, height = img.size
+    turned = img.getexif().get(0x0112) in _QUARTER_TURNS
+    return (height, width) if turned else (width, height)
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -52,8 +64,10 @@ def image_array(img: Image.Image) -> np.ndarray:
     PNG or TIFF) are taken when every value fits in 8 bits, floating-point ones when every
     value is within [0, 1] (times 255), and others refused (``UnsupportedImage``): Pillow
     would clip them at 255, and no scale chosen per image keeps brightness comparable
-    between images."""
+    between images. An EXIF orientation (a phone or camera held on its side) is applied,
+    so the pixels are the picture every viewer shows, and its masks are drawn on."""
     img.load()
+    ImageOps.exif_transpose(img, in_place=True)
     if img.mode in _WIDE_MODES:
         pixels = np.asarray(img)
         if pixels.dtype.kind == "f" and pixels.min() >= 0 and pixels.max() <= 1:
@@ -76,6 +90,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
+            ImageOps.exif_transpose(img, in_place=True)
             gray = np.asarray(img.convert("L"))
     except FileNotFoundError as exc:
         raise VitqcError(f"mask not found: {path}") from exc

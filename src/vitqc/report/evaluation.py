@@ -20,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vitqc.atomic import write_json
 from vitqc.calibration import INTERVAL_LEVEL, Calibration
-from vitqc.data.io import load_image, load_mask
+from vitqc.data.io import displayed_size, load_image, load_mask
 from vitqc.data.records import Sample
 from vitqc.errors import VitqcError
 from vitqc.metrics import (
@@ -46,7 +46,7 @@ def original_shape(sample: Sample) -> tuple[int, int]:
         return load_image(sample).shape[:2]  # raises the one-line error
     try:
         with Image.open(sample.path) as img:
-            width, height = img.size
+            width, height = displayed_size(img)
     except FileNotFoundError as exc:
         raise VitqcError(f"image not found: {sample.path}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
