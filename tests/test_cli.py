@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from vitqc.bundle import load_bundle, save_bundle
 from vitqc.data.layouts import load_dataset
@@ -150,65 +152,53 @@ def test_fit_states_the_threshold_with_its_interval(fitted):
 
 
 def test_bad_inputs_give_one_line_errors(fitted, tmp_path, synth_root):
+    """Each bad input is refused in one line naming it, before anything is written. The
+    cases are separate processes (the real exit and stderr); they run two at a time."""
     _, model_dir = fitted
-    assert_one_line_error(run_cli("fit", tmp_path / "nope", "--out", tmp_path / "m"), "nope")
-    assert_one_line_error(
-        run_cli("fit", synth_root, "--out", tmp_path / "m", "--backbone", "no_such_net"),
-        "no_such_net",
-    )
-    assert_one_line_error(
-        run_cli("fit", synth_root, "--out", tmp_path / "m", "--head", "magic"), "magic"
-    )
-    assert_one_line_error(
-        run_cli("fit", synth_root, "--out", tmp_path / "m", "--image-score", "top:2"), "top:2"
-    )
-    assert_one_line_error(
-        run_cli("fit", synth_root, "--out", tmp_path / "m", "--head", "gmm:colour=red"),
-        "gmm:colour=red",
-    )
-    assert_one_line_error(
-        run_cli("fit", synth_root, "--out", tmp_path / "m", "--head", "vtadl", "--backbone",
-                "tf_efficientnet_lite0", "--category", "tile"),
-        "--head vtadl", "--backbone tf_efficientnet_lite0", "use --backbone pixels",
-    )  # fmt: skip
-    assert_one_line_error(
-        run_cli("fit", synth_root, "--out", tmp_path / "m", "--max-minutes", "0"),
-        "--max-minutes",
-    )
-    assert_one_line_error(
-        run_cli("fit", synth_root, "--out", tmp_path / "m", "--train-precision", "half"),
-        "--train-precision",
-        "half",
-    )
-    assert_one_line_error(
-        run_cli("fit", synth_root, "--out", tmp_path / "m", "--head", "gmm",
-                "--train-precision", "bfloat16"),
-        "--train-precision bfloat16", "gmm",
-    )  # fmt: skip
     empty = tmp_path / "empty" / "train" / "good"
     empty.mkdir(parents=True)
-    assert_one_line_error(run_cli("fit", tmp_path / "empty", "--out", tmp_path / "m"), "empty")
-    assert_one_line_error(run_cli("evaluate", tmp_path / "nomodel", synth_root), "nomodel")
     bad_image = tmp_path / "broken.png"
     bad_image.write_bytes(b"this is not a png")
-    proc = run_cli("predict", model_dir, bad_image, "--out", tmp_path / "p")
-    assert_one_line_error(proc, "broken.png")
+    mono12 = tmp_path / "mono12.png"  # a 12-bit camera image: refused, never clipped
+    Image.fromarray(np.full((32, 32), 4000, np.uint16)).save(mono12)
     weights = tmp_path / "w.safetensors"
     from safetensors.torch import save_file
 
     save_file({"foo": torch.zeros(3)}, str(weights))
-    assert_one_line_error(
-        run_cli("fit", synth_root, "--out", tmp_path / "m", "--weights", weights), "w.safetensors"
-    )
-    assert not (tmp_path / "m").exists()
-    # threshold options: each refused in one line, before anything is written
-    fit_tile = ("fit", synth_root, "--out", tmp_path / "m", "--category", "tile")
-    assert_one_line_error(run_cli(*fit_tile, "--min-area", "3mm2"), "--mm-per-pixel")
-    assert_one_line_error(
-        run_cli(*fit_tile, "--target-fpr", "0.01", "--head", "gaussian"),
-        "lowest target",
-        "--target-fpr 0.0477",
-    )
+    fit = ("fit", synth_root, "--out", tmp_path / "m")
+    fit_tile = (*fit, "--category", "tile")
+    cases = [  # (command line, what its error must name)
+        (("fit", tmp_path / "nope", "--out", tmp_path / "m"), ["nope"]),
+        ((*fit, "--backbone", "no_such_net"), ["no_such_net"]),
+        ((*fit, "--head", "magic"), ["magic"]),
+        ((*fit, "--image-score", "top:2"), ["top:2"]),
+        ((*fit, "--head", "gmm:colour=red"), ["gmm:colour=red"]),
+        (
+            (*fit_tile, "--head", "vtadl", "--backbone", "tf_efficientnet_lite0"),
+            ["--head vtadl", "--backbone tf_efficientnet_lite0", "use --backbone pixels"],
+        ),
+        ((*fit, "--max-minutes", "0"), ["--max-minutes"]),
+        ((*fit, "--train-precision", "half"), ["--train-precision", "half"]),
+        (
+            (*fit, "--head", "gmm", "--train-precision", "bfloat16"),
+            ["--train-precision bfloat16", "gmm"],
+        ),
+        (("fit", tmp_path / "empty", "--out", tmp_path / "m"), ["empty"]),
+        (("evaluate", tmp_path / "nomodel", synth_root), ["nomodel"]),
+        (("predict", model_dir, bad_image, "--out", tmp_path / "p"), ["broken.png"]),
+        (("predict", model_dir, mono12, "--out", tmp_path / "p"), ["mono12.png", "4000"]),
+        ((*fit, "--weights", weights), ["w.safetensors"]),
+        # threshold options
+        ((*fit_tile, "--min-area", "3mm2"), ["--mm-per-pixel"]),
+        (
+            (*fit_tile, "--target-fpr", "0.01", "--head", "gaussian"),
+            ["lowest target", "--target-fpr 0.0477"],
+        ),
+    ]
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda case: run_cli(*case[0]), cases))
+    for (_, needles), proc in zip(cases, procs, strict=True):
+        assert_one_line_error(proc, *needles)
     assert not (tmp_path / "m").exists()
 
 
