@@ -96,7 +96,8 @@ def test_broken_files_are_reported(tmp_path: Path) -> None:
         "masks_empty": 0,
     }
     problems = "\n".join(report["problems"])
-    assert "2 unreadable files" in problems and "differ in size" in problems
+    assert "2 unreadable files, e.g. cannot read image" in problems and "differ in size" in problems
+    assert "not a valid image file" in problems  # why, not only which
     assert "no mask" in problems and "empty mask" in problems
     text = format_inspection(report)
     assert "PROBLEMS FOUND" in text and "001.jpg" in text and "30x30" in text

@@ -160,7 +160,7 @@ def _inspect_files(cat_dir: Path, fmt: str, val_fraction: float, seed: int) -> d
         problems.append(f"empty training set: no good images found in {scan.train_dir}")
         fatal = True
     if unreadable:
-        problems.append(f"{len(unreadable)} unreadable files, e.g. {unreadable[0]['file']}")
+        problems.append(f"{len(unreadable)} unreadable files, e.g. {unreadable[0]['error']}")
         fatal = True
     if mismatches:
         m = mismatches[0]
