@@ -19,8 +19,9 @@ from vitqc.backbones import create_backbone
 from vitqc.backbones.cache import FeatureCache
 from vitqc.data.layouts import load_dataset
 from vitqc.data.synth import generate_synthetic
+from vitqc.data.transforms import iter_resized_batches
 from vitqc.heads import create_head
-from vitqc.pipeline import build_preprocessor, iter_image_batches
+from vitqc.pipeline import build_preprocessor
 
 
 def main() -> None:
@@ -68,7 +69,7 @@ def main() -> None:
         head, opt = make_head()
         start = time.perf_counter()
         for _ in range(args.epochs):
-            for x in iter_image_batches(train, extractor.input_size, args.batch_size):
+            for x in iter_resized_batches(train, extractor.input_size, args.batch_size):
                 loss = head.loss(extractor(pre(x)))
                 opt.zero_grad()
                 loss.backward()

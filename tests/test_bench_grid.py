@@ -438,6 +438,17 @@ def test_time_budget_is_part_of_the_cell(tmp_path):
         spec_from_config({**base, "max_minutes": 0})
 
 
+def test_bit_depth_is_part_of_the_cell(tmp_path):
+    base = {"data": str(tmp_path), "backbones": "a", "heads": "gaussian"}
+    plain, twelve = spec_from_config(base), spec_from_config({**base, "bit_depth": "12"})
+    assert (plain.bit_depth, twelve.bit_depth) == (8, 12)
+    cell = Cell(tmp_path, None, BackboneChoice("a"), "gaussian")
+    assert "bit_depth" not in cell.config(plain)  # keys of earlier runs unchanged
+    assert cell.config(twelve)["bit_depth"] == 12 and cell.key(plain) != cell.key(twelve)
+    with pytest.raises(VitqcError, match="--bit-depth must be 8 to 16"):
+        spec_from_config({**base, "bit_depth": 17})
+
+
 def test_the_vit_versus_cnn_study_config_expands_on_the_shared_data():
     from conftest import MAGNETIC_TILE, require
 

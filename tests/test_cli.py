@@ -188,6 +188,8 @@ def test_bad_inputs_give_one_line_errors(fitted, tmp_path, synth_root):
         (("predict", model_dir, bad_image, "--out", tmp_path / "p"), ["broken.png"]),
         (("predict", model_dir, mono12, "--out", tmp_path / "p"), ["mono12.png", "4000"]),
         ((*fit, "--weights", weights), ["w.safetensors"]),
+        ((*fit, "--bit-depth", "7"), ["--bit-depth must be 8 to 16", "got 7"]),
+        (("inspect", synth_root, "--bit-depth", "17"), ["--bit-depth must be 8 to 16"]),
         # threshold options
         ((*fit_tile, "--min-area", "3mm2"), ["--mm-per-pixel"]),
         (

@@ -34,6 +34,14 @@ FormatOpt = Annotated[
 CategoryOpt = Annotated[
     str | None, typer.Option("--category", help="category, when DATA holds several")
 ]
+BitDepthOpt = Annotated[
+    int,
+    typer.Option(
+        "--bit-depth",
+        help="bits per pixel of the camera's grayscale images, 8 to 16: a 12-bit camera's "
+        "16-bit files are read with 4095 as white",
+    ),
+]
 NormalClassOpt = Annotated[
     int | None, typer.Option("--normal-class", help="MNIST: the digit that is normal")
 ]
@@ -217,6 +225,7 @@ def fit(
         bool,
         typer.Option("--minmax/--no-minmax", help="per-channel min-max scaling of the images"),
     ] = True,
+    bit_depth: BitDepthOpt = 8,
     cache_dir: Annotated[Path | None, typer.Option(help="feature cache folder")] = None,
     fmt: FormatOpt = "auto",
     category: CategoryOpt = None,
@@ -225,6 +234,7 @@ def fit(
 ) -> None:
     """Train a model on the good training images of DATA and write a model bundle."""
     from vitqc.bundle import save_bundle
+    from vitqc.data.io import white_level
     from vitqc.decision import parse_min_area
     from vitqc.heads import parse_head
     from vitqc.pipeline import FitOptions, defect_samples
@@ -234,6 +244,7 @@ def fit(
     if out.exists() and not out.is_dir():
         raise VitqcError(f"--out {out} exists and is not a directory")
     parse_image_score(image_score)
+    white_level(bit_depth)  # refuses a depth out of range in one line
     if max_minutes is not None and max_minutes <= 0:
         raise VitqcError(f"--max-minutes must be positive, got {max_minutes}")
     head, head_options = parse_head(head)
@@ -269,6 +280,7 @@ def fit(
         smoothing_sigma=smoothing,
         image_score=image_score,
         minmax=minmax,
+        bit_depth=bit_depth,
         target_fpr=target_fpr,
         calibration=threshold_rule,
         folds=threshold_folds,
@@ -505,11 +517,12 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="print the report as JSON")] = False,
     fmt: FormatOpt = "auto",
     category: CategoryOpt = None,
+    bit_depth: BitDepthOpt = 8,
 ) -> None:
     """Open every image and mask of DATA and report what was found."""
     from vitqc.data.inspect import format_inspection, inspect_dataset
 
-    report = inspect_dataset(data, format=fmt, category=category)
+    report = inspect_dataset(data, format=fmt, category=category, bit_depth=bit_depth)
     _echo(json.dumps(report, indent=2, default=str) if as_json else format_inspection(report))
     if not report["ok"]:
         raise typer.Exit(1)

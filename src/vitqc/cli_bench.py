@@ -75,6 +75,10 @@ def benchmark(
         str | None, typer.Option(help="map -> image score: max (default), mean or top:F")
     ] = None,
     fmt: Annotated[str | None, typer.Option("--format", help="dataset layout (auto)")] = None,
+    bit_depth: Annotated[
+        int | None,
+        typer.Option(help="bits per pixel of the camera's grayscale images, 8 (default) to 16"),
+    ] = None,
     db: Annotated[Path | None, typer.Option(help="results database (results.sqlite)")] = None,
     config: Annotated[
         Path | None, typer.Option("--config", help="YAML file with the same keys as the flags")
@@ -148,6 +152,7 @@ def benchmark(
         "folds": folds,
         "image_score": image_score,
         "format": fmt,
+        "bit_depth": bit_depth,
         "preset": preset,
         "timing": timing,
         "device": device,

@@ -251,7 +251,10 @@ def export_metadata(model: AnomalyModel, meta: dict[str, Any]) -> dict[str, Any]
             "align_corners": False,
             "channel_order": "RGB",
             "grayscale": "replicate to 3 channels",
-            "values": "uint8 / 255, resized as float, clipped to [0, 1]; "
+            "bit_depth": model.preprocessor.bit_depth,
+            "values": "grayscale files of more than 8 bits scaled by 255 / (2 ** bit_depth - "
+            "1) to uint8 (vitqc.data.io.image_array); uint8 / 255, resized as float, clipped "
+            "to [0, 1]; "
             "an image already at the input size is not resized",
             "reference": "vitqc.data.transforms.resize_tensor",
         },

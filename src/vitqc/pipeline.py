@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from vitqc.calibration import Calibration, fit_calibration, resolve_target
 from vitqc.data.io import expand_inputs, load_image
 from vitqc.data.proxy import ProxySet, make_proxy_set, proxy_figures
 from vitqc.data.records import Dataset, Sample
-from vitqc.data.transforms import Preprocessor, resize_batch
+from vitqc.data.transforms import Preprocessor, iter_resized_batches, resize_batch
 from vitqc.errors import VitqcError
 from vitqc.folds import DEFAULT_FOLDS, OutOfFold, out_of_fold_scores
 from vitqc.heads import (
@@ -68,6 +68,9 @@ class FitOptions:
     #: by default: rated every 4 or 8 steps, the EfficientNet-Lite0 flow stopped sooner on
     #: magnetic_tile, at a lower test image AUROC on each of three seeds (issue 14 notes).
     steps_per_epoch: int | None = None
+    #: Bits per pixel of the user's images (``--bit-depth``): a camera's 10 to 16 for
+    #: grayscale files of more than 8 bits, read with ``2 ** bit_depth - 1`` as white.
+    bit_depth: int = 8
     #: ``TrainConfig.precision``: "auto" (bfloat16 where the head allows it and the CPU
     #: computes it natively), "float32" or "bfloat16"
     train_precision: str = "auto"
@@ -155,19 +158,14 @@ class FitReport:
         return out
 
 
-def iter_image_batches(
-    samples: Sequence[Sample], size: tuple[int, int], batch_size: int
-) -> Iterator[torch.Tensor]:
-    """Load and resize images batch by batch (values in [0, 1])."""
-    for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        yield resize_batch([load_image(s) for s in chunk], size)
-
-
-def build_preprocessor(extractor, train: Sequence[Sample], minmax: bool) -> Preprocessor:
-    pre = Preprocessor(extractor.input_size, extractor.mean, extractor.std, minmax=minmax)
+def build_preprocessor(
+    extractor, train: Sequence[Sample], minmax: bool, bit_depth: int = 8
+) -> Preprocessor:
+    pre = Preprocessor(
+        extractor.input_size, extractor.mean, extractor.std, minmax=minmax, bit_depth=bit_depth
+    )
     if minmax:
-        pre.fit_minmax(iter_image_batches(train, extractor.input_size, 32))
+        pre.fit_minmax(iter_resized_batches(train, extractor.input_size, 32, pre.white_level))
     return pre
 
 
@@ -330,7 +328,9 @@ class _ModelSearch:
         start = time.perf_counter()
         data, options, extractor = self.dataset, self.options, self.extractor(layers)
         if self._preprocessor is None:  # same backbone, input size and statistics
-            self._preprocessor = build_preprocessor(extractor, data.train, options.minmax)
+            self._preprocessor = build_preprocessor(
+                extractor, data.train, options.minmax, options.bit_depth
+            )
         pre = self._preprocessor
 
         def extract(samples: Sequence[Sample]) -> list[torch.Tensor]:
@@ -340,7 +340,9 @@ class _ModelSearch:
         proxy = None
         if len(data.val) >= 2:
             if self._defects is None:  # the same images for every layer set
-                self._defects = make_proxy_set(data.val, extractor.input_size, options.seed)
+                self._defects = make_proxy_set(
+                    data.val, extractor.input_size, options.seed, pre.white_level
+                )
             proxy = ProxyValidation(self._defects, val, extract(self._defects.samples))
         self._features[layers] = _Features(extractor, pre, train, val, proxy)
         self.feature_seconds += time.perf_counter() - start
@@ -682,7 +684,7 @@ def score_samples(
         feats = cache.extract(model.extractor, model.preprocessor, list(samples), progress=progress)
         return score_features(model, feats)
     scores, maps = [], []
-    batches = iter_image_batches(samples, model.input_size, 16)
+    batches = iter_resized_batches(samples, model.input_size, 16, model.preprocessor.white_level)
     for x in tqdm(batches, total=-(-len(samples) // 16), desc="score", disable=not progress):
         m, s = model(x)
         maps.append(m.numpy())
@@ -699,7 +701,8 @@ def image_score_candidates(
     loss terms). For choosing an image score on data, not for inference."""
     model.eval()
     parts: dict[str, list[np.ndarray]] = {}
-    for x01 in iter_image_batches(samples, model.input_size, batch_size):
+    white = model.preprocessor.white_level
+    for x01 in iter_resized_batches(samples, model.input_size, batch_size, white):
         features = [f.clone() for f in model.features(x01)]  # out of inference mode
         maps, _ = model.maps_from_features(features)
         values = {"map_max": maps.flatten(1).amax(1), "map_mean": maps.flatten(1).mean(1)}
@@ -725,7 +728,7 @@ def write_evaluation_figures(
 
     out_dir = Path(out_dir)
     for sample, raw in tqdm(list(zip(samples, maps, strict=True)), desc="figures", leave=False):
-        image = load_image(sample)
+        image = load_image(sample, model.preprocessor.white_level)
         norm, thr = _display_maps(model, resize_to(raw, image.shape[:2]))
         mask = load_mask(sample, image.shape[:2])
         name = sample.key.replace("/", "__").rsplit(".", 1)[0] + ".png"
@@ -759,7 +762,7 @@ def predict_images(
     min_area = float(model.min_area) if min_area is None else float(min_area)
     rows, used = [], set()
     for path in tqdm(files, desc="predict", unit="img", leave=False):
-        image = read_image(path)
+        image = read_image(path, model.preprocessor.white_level)
         maps, scores = model(resize_batch([image], model.input_size))
         raw = resize_to(maps[0].numpy(), image.shape[:2])
         norm, thr = _display_maps(model, raw)

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vitqc.data.io import expand_inputs, read_image
+from vitqc.data.io import expand_inputs, read_image, white_level
 from vitqc.decision import decide, operator_score
 from vitqc.errors import VitqcError
 
@@ -307,6 +307,8 @@ class ExportedModel:
         self.threshold = float(info["threshold"])
         self.map_low = float(info["map_low"])
         self.min_area = float(info.get("min_area") or 0.0)
+        #: the value read as white in grayscale files of more than 8 bits (``image_array``)
+        self.white_level = white_level(int((info.get("resize") or {}).get("bit_depth", 8)))
         self._micro_batch = None if micro_batch is None else max(1, int(micro_batch))
         features = info.get("features") or []
         #: the feature-map outputs where a batch's graph is split (none: it runs whole)
@@ -440,7 +442,8 @@ class ExportedModel:
         files = expand_inputs(inputs)
         for start in range(0, len(files), max(1, int(batch_size))):
             chunk = files[start : start + max(1, int(batch_size))]
-            rows = self.score_images([read_image(p) for p in chunk], threshold, min_area)
+            images = [read_image(p, self.white_level) for p in chunk]
+            rows = self.score_images(images, threshold, min_area)
             for path, row in zip(chunk, rows, strict=True):
                 yield {"file": str(path), **row}
 

@@ -211,7 +211,8 @@ class FeatureCache:
             for start in range(0, len(todo), batch_size):
                 chunk = todo[start : start + batch_size]
                 x01 = resize_batch(
-                    [load_image(first_sample[s]) for s in chunk], extractor.input_size
+                    [load_image(first_sample[s], preprocessor.white_level) for s in chunk],
+                    extractor.input_size,
                 )
                 with torch.inference_mode():
                     x = pre(x01.to(device))

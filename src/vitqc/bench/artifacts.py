@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from vitqc.atomic import atomic_dir, atomic_path
-from vitqc.data.io import load_image, read_mask
+from vitqc.data.io import WHITE_LEVEL, load_image, read_mask
 from vitqc.data.records import Sample
 
 CURVES_FILE = "curves.json"
@@ -157,9 +157,10 @@ def write_run_artifacts(
     cat_dir = root / cat_rel
     cat_dir.mkdir(parents=True, exist_ok=True)
     entries = []
+    white = model.preprocessor.white_level if model is not None else WHITE_LEVEL
     with atomic_dir(root / rel) as tmp:
         for gi, sample in enumerate(gallery):
-            image = load_image(sample)
+            image = load_image(sample, white)
             size = _thumb_size(image.shape[:2])
             thumb = _resize(image, size, Image.BILINEAR)
             image_rel = f"{cat_rel}/{gi}_image.png"

@@ -207,6 +207,8 @@ class GridSpec:
     heads: list[str]
     categories: list[str] | None = None
     format: str = "auto"
+    #: bits per pixel of the datasets' grayscale images (``vitqc fit --bit-depth``)
+    bit_depth: int = 8
     epochs: int = 500
     patience: int | None = None  # None: fit's default for its epoch selection
     max_minutes: float | None = None  # training time budget per cell
@@ -239,6 +241,7 @@ _SPEC_KEYS = {
     "heads",
     "categories",
     "format",
+    "bit_depth",
     "epochs",
     "patience",
     "max_minutes",
@@ -364,6 +367,7 @@ def spec_from_config(config: Mapping[str, Any]) -> GridSpec:
     )
     scalars = {
         "format": str,
+        "bit_depth": int,
         "epochs": int,
         "patience": int,
         "max_minutes": float,
@@ -398,9 +402,11 @@ def spec_from_config(config: Mapping[str, Any]) -> GridSpec:
         if not isinstance(cfg["head_options"], Mapping):
             raise VitqcError("head_options must map a head name to its options")
         spec.head_options = {str(k): dict(v or {}) for k, v in cfg["head_options"].items()}
+    from vitqc.data.io import white_level
     from vitqc.scoring import parse_image_score
 
     parse_image_score(spec.image_score)
+    white_level(spec.bit_depth)
     if spec.epochs < 1:
         raise VitqcError(f"--epochs must be at least 1, got {spec.epochs}")
     if spec.max_minutes is not None and spec.max_minutes <= 0:
@@ -434,6 +440,7 @@ class Cell:
             "data": str(self.data),
             "category": self.category,
             "format": spec.format,
+            **({"bit_depth": spec.bit_depth} if spec.bit_depth != 8 else {}),
             "backbone": self.backbone.name,
             "layers": list(self.backbone.layers) if self.backbone.layers else None,
             "weights": self.backbone.weights or spec.weights,
@@ -581,6 +588,7 @@ def run_cell(
         smoothing_sigma=spec.smoothing_sigma,
         image_score=spec.image_score,
         target_fpr=spec.target_fpr,
+        bit_depth=spec.bit_depth,
         **({"folds": spec.folds} if spec.folds is not None else {}),
         cache_dir=cache_dir,
         progress=progress,

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from vitqc.data.io import read_image, read_mask
+from vitqc.data.io import read_image, read_mask, white_level
 from vitqc.data.layouts import (
     _detect_here,
     _looks_like,
@@ -83,7 +83,9 @@ def _size_summary(sizes: list[tuple[int, int]]) -> dict[str, Any]:
     }
 
 
-def _inspect_files(cat_dir: Path, fmt: str, val_fraction: float, seed: int) -> dict[str, Any]:
+def _inspect_files(
+    cat_dir: Path, fmt: str, val_fraction: float, seed: int, white: int
+) -> dict[str, Any]:
     scan = scan_category(cat_dir, fmt)
     rep: dict[str, Any] = {"path": str(cat_dir), "format": fmt}
     counts: dict[str, Any] = {"train_good": len(scan.train_good), "train": 0, "val": 0}
@@ -103,7 +105,7 @@ def _inspect_files(cat_dir: Path, fmt: str, val_fraction: float, seed: int) -> d
     for sample in [*scan.train_good, *scan.test]:
         assert sample.path is not None
         try:
-            img = read_image(sample.path)
+            img = read_image(sample.path, white)
         except VitqcError as exc:
             unreadable.append({"file": str(sample.path), "error": str(exc)})
             continue
@@ -228,8 +230,11 @@ def inspect_dataset(
     *,
     val_fraction: float = 0.2,
     seed: int = 0,
+    bit_depth: int = 8,
 ) -> dict[str, Any]:
-    """Open every image and mask of ``root`` (all categories unless ``category``) and report."""
+    """Open every image and mask of ``root`` (all categories unless ``category``) and report
+    (images of more than 8 bits read as ``bit_depth``'s: ``io.image_array``)."""
+    white = white_level(bit_depth)
     root = _require_dir(root)
     targets = _targets(root, format, category)
     per_category: dict[str, dict[str, Any]] = {}
@@ -240,7 +245,7 @@ def inspect_dataset(
             if fmt == "mnist":
                 rep = _inspect_mnist(cat_dir, val_fraction, seed)
             else:
-                rep = _inspect_files(cat_dir, fmt, val_fraction, seed)
+                rep = _inspect_files(cat_dir, fmt, val_fraction, seed, white)
         except VitqcError as exc:
             rep = {"path": str(cat_dir), "format": fmt, "error": str(exc)}
             rep.update(_problems=[str(exc)], _fatal=True)

@@ -20,6 +20,21 @@ def is_image_file(path: Path) -> bool:
     return suffix_ok and not path.name.startswith(".") and path.is_file()
 
 
+#: The pixel value an image of more than 8 bits is read as white by default (8-bit data).
+WHITE_LEVEL = 255
+#: Bits per pixel a model can read images of (``--bit-depth``): 8 to 16.
+BIT_DEPTHS = range(8, 17)
+
+
+def white_level(bit_depth: int) -> int:
+    """The value read as white in images of ``bit_depth`` bits (a 12-bit camera: 4095)."""
+    if bit_depth not in BIT_DEPTHS:
+        raise VitqcError(
+            f"--bit-depth must be 8 to 16 (the camera's bits per pixel), got {bit_depth}"
+        )
+    return 2**bit_depth - 1
+
+
 #: Pillow modes of more than 8 bits per pixel (16-bit and 32-bit integer, 32-bit float):
 #: Pillow's conversion to RGB clips their values at 255.
 _WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
@@ -41,12 +56,13 @@ def displayed_size(img: Image.Image) -> tuple[int, int]:
     return (height, width) if turned else (width, height)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as uint8 RGB ``[H, W, 3]``; grayscale becomes 3 identical channels."""
+def read_image(path: str | Path, white_level: int = WHITE_LEVEL) -> np.ndarray:
+    """Read an image file as uint8 RGB ``[H, W, 3]``; grayscale becomes 3 identical channels
+    (``white_level``: ``image_array``'s)."""
     path = Path(path)
     try:
         with Image.open(path) as img:
-            return image_array(img)
+            return image_array(img, white_level)
     except UnsupportedImage as exc:
         raise VitqcError(f"cannot read image {path}: {exc}") from exc
     except FileNotFoundError as exc:
@@ -55,30 +71,39 @@ def read_image(path: str | Path) -> np.ndarray:
         raise VitqcError(f"cannot read image {path}: not a valid image file") from exc
 
 
-def image_array(img: Image.Image) -> np.ndarray:
+def image_array(img: Image.Image, white_level: int = WHITE_LEVEL) -> np.ndarray:
     """An opened Pillow image decoded as uint8 RGB ``[H, W, 3]`` (grayscale and palette
     images converted by Pillow): what ``read_image`` returns, also for images that were
     not read from a file (the service's uploads).
 
     Grayscale images of 16 or 32 bits (machine-vision cameras' Mono12 / Mono16 saved as
-    PNG or TIFF) are taken when every value fits in 8 bits, floating-point ones when every
-    value is within [0, 1] (times 255), and others refused (``UnsupportedImage``): Pillow
-    would clip them at 255, and no scale chosen per image keeps brightness comparable
-    between images. An EXIF orientation (a phone or camera held on its side) is applied,
-    so the pixels are the picture every viewer shows, and its masks are drawn on."""
+    PNG or TIFF) are scaled so that ``white_level`` (the model's, ``2 ** bit_depth - 1``)
+    reads as 255; a value above it is refused (``UnsupportedImage``), as Pillow would clip
+    it and no scale chosen per image keeps brightness comparable between images.
+    Floating-point ones are taken when every value is within [0, 1] (times 255). 8-bit
+    images are read as they are. An EXIF orientation (a phone or camera held on its side)
+    is applied, so the pixels are the picture every viewer shows, and its masks are drawn
+    on."""
     img.load()
     ImageOps.exif_transpose(img, in_place=True)
     if img.mode in _WIDE_MODES:
         pixels = np.asarray(img)
         if pixels.dtype.kind == "f" and pixels.min() >= 0 and pixels.max() <= 1:
             pixels = np.rint(pixels * 255)
-        elif pixels.dtype.kind == "f" or pixels.min() < 0 or pixels.max() > 255:
-            kind = "floating-point" if pixels.dtype.kind == "f" else f"{img.mode} grayscale"
+        elif pixels.dtype.kind == "f":
             raise UnsupportedImage(
-                f"{kind} pixels ranging {pixels.min():g} to {pixels.max():g}, and vitqc "
-                "reads 8-bit images: convert them to 8 bits with one scale for every image "
-                "(for 12-bit data, value x 255 / 4095)"
+                f"floating-point pixels ranging {pixels.min():g} to {pixels.max():g}: vitqc "
+                "takes them within [0, 1]"
             )
+        elif pixels.min() < 0 or pixels.max() > white_level:
+            bits = int(pixels.max()).bit_length() if pixels.min() >= 0 else 32
+            raise UnsupportedImage(
+                f"{img.mode} grayscale pixels ranging {pixels.min():g} to {pixels.max():g}, "
+                f"above the white level {white_level} this model reads: fit it with "
+                f"--bit-depth {max(bits, 9)} or more (the camera's bit depth)"
+            )
+        else:
+            pixels = np.rint(pixels * (255 / white_level))
         img = Image.fromarray(pixels.astype(np.uint8))
     rgb = img.convert("RGB")
     return np.array(rgb, dtype=np.uint8)  # a writable copy (asarray of a PIL image is read-only)
@@ -99,8 +124,8 @@ def read_mask(path: str | Path) -> np.ndarray:
     return gray > 127
 
 
-def load_image(sample: Sample) -> np.ndarray:
-    """The sample's pixels as uint8 RGB ``[H, W, 3]``."""
+def load_image(sample: Sample, white_level: int = WHITE_LEVEL) -> np.ndarray:
+    """The sample's pixels as uint8 RGB ``[H, W, 3]`` (``white_level``: ``image_array``'s)."""
     if sample.array is not None:
         arr = np.asarray(sample.array, dtype=np.uint8)
         if arr.ndim == 2:
@@ -108,7 +133,7 @@ def load_image(sample: Sample) -> np.ndarray:
         return arr
     if sample.path is None:
         raise VitqcError(f"sample {sample.key} has neither a path nor pixels")
-    return read_image(sample.path)
+    return read_image(sample.path, white_level)
 
 
 def load_mask(sample: Sample, shape: tuple[int, int]) -> np.ndarray | None:

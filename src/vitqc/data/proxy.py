@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from vitqc.data.io import load_image
+from vitqc.data.io import WHITE_LEVEL, load_image
 from vitqc.data.records import Sample
 from vitqc.data.synth import add_defect, push_weak_pixels
 from vitqc.data.transforms import resize_batch
@@ -102,14 +102,16 @@ def _noise(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.
     return push_weak_pixels(out, image, mask), mask
 
 
-def make_proxy_set(good: Sequence[Sample], size: tuple[int, int], seed: int = 0) -> ProxySet:
+def make_proxy_set(
+    good: Sequence[Sample], size: tuple[int, int], seed: int = 0, white_level: int = WHITE_LEVEL
+) -> ProxySet:
     """One synthetic defect on each good image (kinds in turn), at input ``size``."""
     good = list(good)
     if len(good) < 2:
         raise VitqcError(
             f"synthetic-defect validation needs at least 2 good validation images, got {len(good)}"
         )
-    resized = _to_uint8(resize_batch([load_image(s) for s in good], size))
+    resized = _to_uint8(resize_batch([load_image(s, white_level) for s in good], size))
     samples, masks, kinds = [], [], []
     for i, image in enumerate(resized):
         rng = np.random.default_rng([seed, 17, i])

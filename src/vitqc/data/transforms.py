@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitqc.data.io import load_image
+from vitqc.data.io import WHITE_LEVEL, load_image, white_level
 from vitqc.data.records import Sample
 from vitqc.errors import VitqcError
 
@@ -66,15 +66,19 @@ def resize_batch(images: Sequence[np.ndarray], size: tuple[int, int]) -> torch.T
 
 
 def iter_resized_batches(
-    samples: Sequence[Sample], size: tuple[int, int], batch_size: int = 32
+    samples: Sequence[Sample],
+    size: tuple[int, int],
+    batch_size: int = 32,
+    white_level: int = WHITE_LEVEL,
 ) -> Iterator[torch.Tensor]:
-    """Yield ``resize_batch`` tensors for the samples, ``batch_size`` images at a time.
+    """Yield ``resize_batch`` tensors for the samples, ``batch_size`` images at a time
+    (``white_level``: ``io.image_array``'s).
 
     Handy for ``Preprocessor.fit_minmax``: the training split is streamed, never held whole.
     """
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        yield resize_batch([load_image(s) for s in chunk], size)
+        yield resize_batch([load_image(s, white_level) for s in chunk], size)
 
 
 def _vec3(values: Iterable[float] | torch.Tensor, what: str) -> torch.Tensor:
@@ -108,9 +112,14 @@ class Preprocessor(nn.Module):
         channel_min: Sequence[float] | torch.Tensor | None = None,
         channel_max: Sequence[float] | torch.Tensor | None = None,
         minmax_fitted: bool = False,
+        bit_depth: int = 8,
     ) -> None:
         super().__init__()
         self.image_size = (int(image_size[0]), int(image_size[1]))
+        #: bits per pixel of the images this model reads (``io.image_array``): 8, or a
+        #: camera's 10 to 16 (grayscale files of more than 8 bits, ``--bit-depth``)
+        self.bit_depth = int(bit_depth)
+        self.white_level = white_level(self.bit_depth)
         self.minmax = bool(minmax)
         self.minmax_fitted = bool(minmax_fitted) and self.minmax
         std_t = _vec3(std, "std")
@@ -168,6 +177,7 @@ class Preprocessor(nn.Module):
         """Everything needed to rebuild this preprocessor, as plain JSON values."""
         return {
             "image_size": list(self.image_size),
+            "bit_depth": self.bit_depth,
             "mean": [float(v) for v in self.mean.tolist()],
             "std": [float(v) for v in self.std.tolist()],
             "minmax": self.minmax,
@@ -187,6 +197,7 @@ class Preprocessor(nn.Module):
                 channel_min=config.get("channel_min"),
                 channel_max=config.get("channel_max"),
                 minmax_fitted=bool(config.get("minmax_fitted", False)),
+                bit_depth=int(config.get("bit_depth", 8)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise VitqcError(f"invalid preprocessor config: {exc}") from exc

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from vitqc.data.io import UnsupportedImage, image_array
+from vitqc.data.io import WHITE_LEVEL, UnsupportedImage, image_array
 
 __all__ = ["FORMATS", "ImageRejected", "ImageHeader", "decode", "probe"]
 
@@ -76,11 +76,12 @@ def probe(data: bytes, name: str, max_pixels: int) -> ImageHeader:
         return ImageHeader(int(img.size[0]), int(img.size[1]), str(img.format))
 
 
-def decode(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    """uint8 RGB ``[H, W, 3]`` (size checked from the header first), or ``ImageRejected``."""
+def decode(data: bytes, name: str, max_pixels: int, white_level: int = WHITE_LEVEL) -> np.ndarray:
+    """uint8 RGB ``[H, W, 3]`` (size checked from the header first; ``white_level``:
+    ``image_array``'s), or ``ImageRejected``."""
     with _open(data, name, max_pixels) as img:
         try:
-            return image_array(img)
+            return image_array(img, white_level)
         except UnsupportedImage as exc:
             raise ImageRejected(415, f"{name}: {exc}") from exc
         except MemoryError as exc:

@@ -96,7 +96,7 @@ class InferenceService:
         ``ImageRejected`` for an upload that cannot be decoded."""
         rows, records = [], []
         for upload in uploads:
-            image = decode(upload.data, upload.name, self.config.max_pixels)
+            image = decode(upload.data, upload.name, self.config.max_pixels, self.model.white_level)
             row = self.model.score_images([image], threshold, maps=want_map)[0]
             operator_map = row.pop("map", None)
             digest = hashlib.sha256(upload.data).hexdigest()
