@@ -58,7 +58,9 @@ def test_fit_builds_the_proxy_from_validation_images_only(dataset, monkeypatch):
 
     read: list[str] = []
     real_load = proxy_module.load_image
-    monkeypatch.setattr(proxy_module, "load_image", lambda s: read.append(s.key) or real_load(s))
+    monkeypatch.setattr(
+        proxy_module, "load_image", lambda s, *white: read.append(s.key) or real_load(s, *white)
+    )
     model, report = fit(dataset, FitOptions(head="gaussian", progress=False))
     assert sorted(read) == sorted(s.key for s in dataset.val)
     assert not {s.key for s in dataset.test} & set(read)
