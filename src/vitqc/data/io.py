@@ -99,8 +99,9 @@ def image_array(img: Image.Image, white_level: int = WHITE_LEVEL) -> np.ndarray:
             bits = int(pixels.max()).bit_length() if pixels.min() >= 0 else 32
             raise UnsupportedImage(
                 f"{img.mode} grayscale pixels ranging {pixels.min():g} to {pixels.max():g}, "
-                f"above the white level {white_level} this model reads: fit it with "
-                f"--bit-depth {max(bits, 9)} or more (the camera's bit depth)"
+                f"above the white level {white_level} (--bit-depth "
+                f"{white_level.bit_length()}): they need --bit-depth {max(bits, 9)} or more "
+                "(the camera's bits per pixel, given to vitqc fit)"
             )
         else:
             pixels = np.rint(pixels * (255 / white_level))
