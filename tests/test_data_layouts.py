@@ -209,6 +209,13 @@ def test_exif_orientation_is_applied_to_images_and_masks(tmp_path: Path, suffix:
     assert mask.shape == (40, 20) and mask[:10].all() and not mask[10:].any()
     sample = Sample(key="part", label=1, defect_type="dent", path=tmp_path / f"part{suffix}")
     assert original_shape(sample) == (40, 20)  # from the header, as the pixels are read
+    # a corrupt EXIF block (Pillow's parser raises on it) leaves the picture as stored
+    image.save(tmp_path / f"junk{suffix}", exif=b"Exif\x00\x00garbage")
+    np.testing.assert_array_equal(
+        read_image(tmp_path / f"junk{suffix}")[..., 0] > 127, stored[..., 0] > 127
+    )
+    junk = Sample(key="junk", label=0, defect_type="good", path=tmp_path / f"junk{suffix}")
+    assert original_shape(junk) == (20, 40)
 
 
 def test_mvtec_training_only_and_hidden_files(tmp_path: Path) -> None:

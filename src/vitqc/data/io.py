@@ -48,11 +48,27 @@ class UnsupportedImage(ValueError):
 _QUARTER_TURNS = (5, 6, 7, 8)
 
 
+def _orientation(img: Image.Image) -> int | None:
+    """The image's EXIF orientation tag; None without one, or where the EXIF block is
+    corrupt (Pillow's parser raises several types on bad data): the picture is then read
+    as stored, as before orientations were applied."""
+    try:
+        return img.getexif().get(0x0112)
+    except Exception:
+        return None
+
+
+def _upright(img: Image.Image) -> None:
+    """Turn ``img`` in place as its EXIF orientation says."""
+    if _orientation(img) not in (None, 1):
+        ImageOps.exif_transpose(img, in_place=True)
+
+
 def displayed_size(img: Image.Image) -> tuple[int, int]:
     """(width, height) of an opened image as ``image_array`` returns it (its EXIF
     orientation applied), from the header alone."""
     width, height = img.size
-    turned = img.getexif().get(0x0112) in _QUARTER_TURNS
+    turned = _orientation(img) in _QUARTER_TURNS
     return (height, width) if turned else (width, height)
 
 
@@ -85,7 +101,7 @@ def image_array(img: Image.Image, white_level: int = WHITE_LEVEL) -> np.ndarray:
     is applied, so the pixels are the picture every viewer shows, and its masks are drawn
     on."""
     img.load()
-    ImageOps.exif_transpose(img, in_place=True)
+    _upright(img)
     if img.mode in _WIDE_MODES:
         pixels = np.asarray(img)
         if pixels.dtype.kind == "f" and pixels.min() >= 0 and pixels.max() <= 1:
@@ -116,7 +132,7 @@ def read_mask(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            ImageOps.exif_transpose(img, in_place=True)
+            _upright(img)
             gray = np.asarray(img.convert("L"))
     except FileNotFoundError as exc:
         raise VitqcError(f"mask not found: {path}") from exc
