@@ -35,9 +35,9 @@ def white_level(bit_depth: int) -> int:
     return 2**bit_depth - 1
 
 
-#: Pillow modes of more than 8 bits per pixel (16-bit and 32-bit integer, 32-bit float):
-#: Pillow's conversion to RGB clips their values at 255.
-_WIDE_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")
+#: Pillow modes of more than 8 bits per pixel besides the 16-bit ``I;16*`` ones (32-bit
+#: integer and float): Pillow's conversion to RGB clips their values at 255.
+_WIDE_MODES = ("I", "F")
 
 
 class UnsupportedImage(ValueError):
@@ -102,7 +102,7 @@ def image_array(img: Image.Image, white_level: int = WHITE_LEVEL) -> np.ndarray:
     on."""
     img.load()
     _upright(img)
-    if img.mode in _WIDE_MODES:
+    if img.mode in _WIDE_MODES or img.mode.startswith("I;16"):
         pixels = np.asarray(img)
         if pixels.dtype.kind == "f" and pixels.min() >= 0 and pixels.max() <= 1:
             pixels = np.rint(pixels * 255)
