@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from vitqc.bundle import save_bundle
 from vitqc.cli import app
-from vitqc.data.io import read_image, white_level
+from vitqc.data.io import read_image, white_level_for
 from vitqc.data.layouts import load_dataset
 from vitqc.errors import VitqcError
 from vitqc.export import export_bundle
@@ -58,19 +58,19 @@ def test_twelve_bit_values_read_as_their_eight_bit_pictures(datasets) -> None:
         assert img.mode.startswith("I;16")
     for path in files:
         expected = read_image(eight / path.relative_to(twelve))
-        np.testing.assert_array_equal(read_image(path, white_level(12)), expected)
+        np.testing.assert_array_equal(read_image(path, white_level_for(12)), expected)
         with pytest.raises(VitqcError, match=r"above the white level 255.*--bit-depth 12"):
             read_image(path)  # an 8-bit model refuses them, never clips them
     brighter = np.full((4, 4), 5000, np.uint16)  # above a 12-bit white
     Image.fromarray(brighter).save(twelve / "bright.png")
     with pytest.raises(VitqcError, match=r"bright\.png: .*above the white level 4095"):
-        read_image(twelve / "bright.png", white_level(12))
+        read_image(twelve / "bright.png", white_level_for(12))
     eight_bit_file = eight / files[0].relative_to(twelve)  # 8-bit files: as they are
     np.testing.assert_array_equal(
-        read_image(eight_bit_file, white_level(12)), read_image(eight_bit_file)
+        read_image(eight_bit_file, white_level_for(12)), read_image(eight_bit_file)
     )
     with pytest.raises(VitqcError, match="--bit-depth must be 8 to 16"):
-        white_level(7)
+        white_level_for(7)
 
 
 def test_a_twelve_bit_model_is_the_eight_bit_one_everywhere(datasets, tmp_path) -> None:

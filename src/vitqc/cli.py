@@ -234,7 +234,7 @@ def fit(
 ) -> None:
     """Train a model on the good training images of DATA and write a model bundle."""
     from vitqc.bundle import save_bundle
-    from vitqc.data.io import white_level
+    from vitqc.data.io import white_level_for
     from vitqc.decision import parse_min_area
     from vitqc.heads import parse_head
     from vitqc.pipeline import FitOptions, defect_samples
@@ -244,7 +244,7 @@ def fit(
     if out.exists() and not out.is_dir():
         raise VitqcError(f"--out {out} exists and is not a directory")
     parse_image_score(image_score)
-    white_level(bit_depth)  # refuses a depth out of range in one line
+    white_level_for(bit_depth)  # refuses a depth out of range in one line
     if max_minutes is not None and max_minutes <= 0:
         raise VitqcError(f"--max-minutes must be positive, got {max_minutes}")
     head, head_options = parse_head(head)

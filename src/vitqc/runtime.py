@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vitqc.data.io import expand_inputs, read_image, white_level
+from vitqc.data.io import expand_inputs, read_image, white_level_for
 from vitqc.decision import decide, operator_score
 from vitqc.errors import VitqcError
 
@@ -308,7 +308,7 @@ class ExportedModel:
         self.map_low = float(info["map_low"])
         self.min_area = float(info.get("min_area") or 0.0)
         #: the value read as white in grayscale files of more than 8 bits (``image_array``)
-        self.white_level = white_level(int((info.get("resize") or {}).get("bit_depth", 8)))
+        self.white_level = white_level_for(int((info.get("resize") or {}).get("bit_depth", 8)))
         self._micro_batch = None if micro_batch is None else max(1, int(micro_batch))
         features = info.get("features") or []
         #: the feature-map outputs where a batch's graph is split (none: it runs whole)

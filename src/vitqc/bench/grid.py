@@ -402,11 +402,11 @@ def spec_from_config(config: Mapping[str, Any]) -> GridSpec:
         if not isinstance(cfg["head_options"], Mapping):
             raise VitqcError("head_options must map a head name to its options")
         spec.head_options = {str(k): dict(v or {}) for k, v in cfg["head_options"].items()}
-    from vitqc.data.io import white_level
+    from vitqc.data.io import white_level_for
     from vitqc.scoring import parse_image_score
 
     parse_image_score(spec.image_score)
-    white_level(spec.bit_depth)
+    white_level_for(spec.bit_depth)
     if spec.epochs < 1:
         raise VitqcError(f"--epochs must be at least 1, got {spec.epochs}")
     if spec.max_minutes is not None and spec.max_minutes <= 0:

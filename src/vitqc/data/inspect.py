@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from vitqc.data.io import read_image, read_mask, white_level
+from vitqc.data.io import read_image, read_mask, white_level_for
 from vitqc.data.layouts import (
     _detect_here,
     _looks_like,
@@ -234,7 +234,7 @@ def inspect_dataset(
 ) -> dict[str, Any]:
     """Open every image and mask of ``root`` (all categories unless ``category``) and report
     (images of more than 8 bits read as ``bit_depth``'s: ``io.image_array``)."""
-    white = white_level(bit_depth)
+    white = white_level_for(bit_depth)
     root = _require_dir(root)
     targets = _targets(root, format, category)
     per_category: dict[str, dict[str, Any]] = {}

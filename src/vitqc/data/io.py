@@ -26,7 +26,7 @@ WHITE_LEVEL = 255
 BIT_DEPTHS = range(8, 17)
 
 
-def white_level(bit_depth: int) -> int:
+def white_level_for(bit_depth: int) -> int:
     """The value read as white in images of ``bit_depth`` bits (a 12-bit camera: 4095)."""
     if bit_depth not in BIT_DEPTHS:
         raise VitqcError(

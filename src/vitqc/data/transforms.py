@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vitqc.data.io import WHITE_LEVEL, load_image, white_level
+from vitqc.data.io import WHITE_LEVEL, load_image, white_level_for
 from vitqc.data.records import Sample
 from vitqc.errors import VitqcError
 
@@ -119,7 +119,7 @@ class Preprocessor(nn.Module):
         #: bits per pixel of the images this model reads (``io.image_array``): 8, or a
         #: camera's 10 to 16 (grayscale files of more than 8 bits, ``--bit-depth``)
         self.bit_depth = int(bit_depth)
-        self.white_level = white_level(self.bit_depth)
+        self.white_level = white_level_for(self.bit_depth)
         self.minmax = bool(minmax)
         self.minmax_fitted = bool(minmax_fitted) and self.minmax
         std_t = _vec3(std, "std")
