@@ -191,6 +191,20 @@ def test_wide_grayscale_images_are_read_or_refused_never_clipped(
             read_image(unit)
 
 
+def test_masks_of_zeros_and_ones_mark_their_defect(tmp_path: Path) -> None:
+    """Masks saved with 1 for defect (not 255) were read as empty by the > 127 rule."""
+    ones = np.zeros((6, 8), np.uint8)
+    ones[2:4, 3:6] = 1
+    Image.fromarray(ones).save(tmp_path / "ones.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "ones.png"), ones == 1)
+    soft = np.zeros((6, 8), np.uint8)  # anti-aliased 0..255: the 127 rule as before
+    soft[2:4, 3:6], soft[1, 3:6] = 255, 100
+    Image.fromarray(soft).save(tmp_path / "soft.png")
+    np.testing.assert_array_equal(read_mask(tmp_path / "soft.png"), soft > 127)
+    Image.fromarray(np.zeros((6, 8), np.uint8)).save(tmp_path / "none.png")
+    assert not read_mask(tmp_path / "none.png").any()
+
+
 @pytest.mark.parametrize("suffix", [".jpg", ".png"])
 def test_exif_orientation_is_applied_to_images_and_masks(tmp_path: Path, suffix: str) -> None:
     """A photo taken with the camera on its side is stored 40 x 20 with an EXIF tag that

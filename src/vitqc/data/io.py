@@ -127,7 +127,8 @@ def image_array(img: Image.Image, white_level: int = WHITE_LEVEL) -> np.ndarray:
 
 
 def read_mask(path: str | Path) -> np.ndarray:
-    """Read a ground-truth mask as bool ``[H, W]`` (pixels > 127 are defect)."""
+    """Read a ground-truth mask as bool ``[H, W]``: pixels > 127 are defect, or pixels of
+    1 in a mask of only 0 and 1 (a common export, which the 127 rule read as empty)."""
     path = Path(path)
     try:
         with Image.open(path) as img:
@@ -138,7 +139,7 @@ def read_mask(path: str | Path) -> np.ndarray:
         raise VitqcError(f"mask not found: {path}") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise VitqcError(f"cannot read mask {path}: not a valid image file") from exc
-    return gray > 127
+    return gray > (127 if gray.max(initial=0) > 1 else 0)
 
 
 def load_image(sample: Sample, white_level: int = WHITE_LEVEL) -> np.ndarray:
