@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -127,3 +128,26 @@ def test_inspect_takes_the_bit_depth(datasets) -> None:
     assert refused.exit_code == 1 and "--bit-depth 12" in refused.output
     inspected = runner.invoke(app, ["inspect", str(twelve), "--bit-depth", "12"])
     assert inspected.exit_code == 0, inspected.output
+
+
+def test_a_benchmark_grid_reads_twelve_bit_data_with_its_depth(datasets, tmp_path) -> None:
+    from vitqc.bench.store import open_store
+    from vitqc.cli_bench import register
+
+    grid = typer.Typer()
+    register(grid)
+    figures = {}
+    for bits, root in ((8, datasets[0]), (12, datasets[1])):
+        db = tmp_path / f"r{bits}.sqlite"
+        args = ["benchmark", "--data", str(root), "--backbones", "test_resnet", "--heads",
+                "gaussian", "--weights", "random", "--folds", "0", "--no-timing", "--db",
+                str(db), "--cache-dir", str(tmp_path / "c"), "--bit-depth", str(bits)]  # fmt: skip
+        result = CliRunner().invoke(grid, args)
+        assert result.exit_code == 0, result.output
+        with open_store(db, create=False) as store:
+            (run,) = store.runs()
+        assert run["status"] == "ok" and run["config"].get("bit_depth") == (
+            12 if bits > 8 else None
+        )
+        figures[bits] = [run[k] for k in ("image_auroc", "pixel_auroc", "aupro")]
+    assert figures[12] == figures[8]
