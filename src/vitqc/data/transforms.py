@@ -119,7 +119,7 @@ class Preprocessor(nn.Module):
         #: bits per pixel of the images this model reads (``io.image_array``): 8, or a
         #: camera's 10 to 16 (grayscale files of more than 8 bits, ``--bit-depth``)
         self.bit_depth = int(bit_depth)
-        self.white_level = white_level_for(self.bit_depth)
+        white_level_for(self.bit_depth)  # refuses a depth out of range
         self.minmax = bool(minmax)
         self.minmax_fitted = bool(minmax_fitted) and self.minmax
         std_t = _vec3(std, "std")
@@ -131,6 +131,11 @@ class Preprocessor(nn.Module):
         cmax = _vec3(channel_max if channel_max is not None and minmax else 1.0, "channel_max")
         self.register_buffer("channel_min", cmin)
         self.register_buffer("channel_max", cmax)
+
+    @property
+    def white_level(self) -> int:
+        """The value read as white in grayscale files of more than 8 bits."""
+        return white_level_for(self.bit_depth)
 
     @classmethod
     def for_backbone(cls, extractor: Any, minmax: bool = True) -> Preprocessor:

@@ -274,9 +274,14 @@ class Int8Bank:
 
     blocks: tuple[torch.Tensor, ...]
     scale: float  # the queries' quantization step
-    bank_scale: float  # the rows' step (127 / 64 x ``scale``: values within _BANK_MAX)
     query_columns: torch.Tensor  # [D' - D] float32, multiples of scale
     axes: PrincipalAxes = PrincipalAxes()
+
+    @property
+    def bank_scale(self) -> float:
+        """The rows' quantization step: ``scale`` x 127 / 64 (values within
+        ``_BANK_MAX``)."""
+        return self.scale * _INT8_MAX / _BANK_MAX
 
     def keys(self, queries: torch.Tensor) -> torch.Tensor:
         """The queries ``[n, D]`` as the rows' columns take them: projected, if the
@@ -305,8 +310,8 @@ def int8_search_bank(
     (``on_principal_axes``: the norm columns then come from ``|b - mu|^2``)."""
     bank, bank_sq, axes = on_principal_axes(bank, bank_sq, dims)
     m, d = bank.shape
-    largest = max(float(bank.abs().max()), 1e-12)
-    scale, bank_scale = largest / _INT8_MAX, largest / _BANK_MAX  # queries', bank's
+    scale = max(float(bank.abs().max()), 1e-12) / _INT8_MAX  # the queries' step
+    bank_scale = scale * _INT8_MAX / _BANK_MAX  # Int8Bank.bank_scale
     quantized = torch.round(bank / bank_scale).clamp(-_BANK_MAX, _BANK_MAX)
     folded = torch.round(bank_sq.double() / (2 * scale * bank_scale))
     # c = 127 * coarse + fine, each part spread over columns of at most _BANK_MAX
@@ -322,7 +327,7 @@ def int8_search_bank(
     query_columns[len(coarse_columns) : len(columns)] = scale
     rows = rows.to(torch.int8)
     blocks = tuple(rows[:, start : start + block].contiguous() for start in range(0, m, block))
-    return Int8Bank(blocks, scale, bank_scale, query_columns, axes)
+    return Int8Bank(blocks, scale, query_columns, axes)
 
 
 def _spread(values: torch.Tensor) -> list[torch.Tensor]:
