@@ -104,17 +104,18 @@ def image_array(img: Image.Image, white_level: int = WHITE_LEVEL) -> np.ndarray:
     _upright(img)
     if img.mode in _WIDE_MODES or img.mode.startswith("I;16"):
         pixels = np.asarray(img)
-        if pixels.dtype.kind == "f" and pixels.min() >= 0 and pixels.max() <= 1:
+        low, high = pixels.min(), pixels.max()  # one pass each over a full-size image
+        floating = pixels.dtype.kind == "f"
+        if floating and low >= 0 and high <= 1:
             pixels = np.rint(pixels * 255)
-        elif pixels.dtype.kind == "f":
+        elif floating:
             raise UnsupportedImage(
-                f"floating-point pixels ranging {pixels.min():g} to {pixels.max():g}: vitqc "
-                "takes them within [0, 1]"
+                f"floating-point pixels ranging {low:g} to {high:g}: vitqc takes them within [0, 1]"
             )
-        elif pixels.min() < 0 or pixels.max() > white_level:
-            bits = int(pixels.max()).bit_length() if pixels.min() >= 0 else 32
+        elif low < 0 or high > white_level:
+            bits = int(high).bit_length() if low >= 0 else 32
             raise UnsupportedImage(
-                f"{img.mode} grayscale pixels ranging {pixels.min():g} to {pixels.max():g}, "
+                f"{img.mode} grayscale pixels ranging {low:g} to {high:g}, "
                 f"above the white level {white_level} (--bit-depth "
                 f"{white_level.bit_length()}): they need --bit-depth {max(bits, 9)} or more "
                 "(the camera's bits per pixel, given to vitqc fit)"
