@@ -16,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from vitqc.data.lookalike import MAX_DISTANCE
 from vitqc.errors import VitqcError
 
 app = typer.Typer(
@@ -518,11 +519,22 @@ def inspect(
     fmt: FormatOpt = "auto",
     category: CategoryOpt = None,
     bit_depth: BitDepthOpt = 8,
+    lookalike: Annotated[
+        int,
+        typer.Option(
+            "--lookalike",
+            help="bits of 256 within which a test image's perceptual hash counts as the same "
+            "part as a training image's (0: identical hashes only)",
+        ),
+    ] = MAX_DISTANCE,
 ) -> None:
-    """Open every image and mask of DATA and report what was found."""
+    """Open every image and mask of DATA and report what was found: unreadable files, masks
+    that do not fit, training copies, and test images that show a training image's part."""
     from vitqc.data.inspect import format_inspection, inspect_dataset
 
-    report = inspect_dataset(data, format=fmt, category=category, bit_depth=bit_depth)
+    report = inspect_dataset(
+        data, format=fmt, category=category, bit_depth=bit_depth, lookalike=lookalike
+    )
     _echo(json.dumps(report, indent=2, default=str) if as_json else format_inspection(report))
     if not report["ok"]:
         raise typer.Exit(1)

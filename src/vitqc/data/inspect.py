@@ -13,7 +13,10 @@ Per category: ``counts`` (``train_good`` and the ``train``/``val`` sizes of the 
 ``test_good``, ``test_defective`` per defect type and its total), ``defects`` (per type: count
 and masks found/missing/empty), ``image_sizes``, ``masks_found``, ``masks_missing`` /
 ``masks_empty`` (image keys), ``orphan_masks``, ``unreadable`` ({file, error}),
-``size_mismatches`` ({file, mask_size, image_size}, sizes as [width, height]), ``notes``.
+``size_mismatches`` ({file, mask_size, image_size}, sizes as [width, height]), ``notes``,
+``training_copies`` ({file, copy_of}: training images with the pixels of an earlier one)
+and ``lookalikes`` ({max_distance, hash_bits, test_good, test_defective}: per test image
+that looks like a training image, {test, train, distance, identical}; ``lookalike``).
 ``ok`` is False when a file is unreadable, a mask's size differs from its image, a training
 set is empty or a category cannot be scanned; missing or empty masks are warnings only
 (an empty mask on a defective image is valid: it counts for image metrics).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import io
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,13 @@ from vitqc.data.layouts import (
     load_mnist_arrays,
     resolve_category,
     scan_category,
+)
+from vitqc.data.lookalike import (
+    HASH_BITS,
+    MAX_DISTANCE,
+    nearest_lookalikes,
+    perceptual_hash,
+    pixel_digest,
 )
 from vitqc.data.records import Sample
 from vitqc.data.split import split_train_val
@@ -83,8 +94,79 @@ def _size_summary(sizes: list[tuple[int, int]]) -> dict[str, Any]:
     }
 
 
+@dataclass
+class _Pictures:
+    """What inspection keeps of each readable image: hash and pixel digest by key."""
+
+    hashes: dict[str, np.ndarray] = field(default_factory=dict)
+    digests: dict[str, str] = field(default_factory=dict)
+
+    def add(self, key: str, image: np.ndarray) -> None:
+        self.hashes[key] = perceptual_hash(image)
+        self.digests[key] = pixel_digest(image)
+
+    def training_copies(self, train: list[str]) -> list[dict[str, str]]:
+        """Training images whose pixels equal an earlier training image's."""
+        first: dict[str, str] = {}
+        copies = []
+        for key in train:
+            digest = self.digests[key]
+            if digest in first:
+                copies.append({"file": key, "copy_of": first[digest]})
+            else:
+                first[digest] = key
+        return copies
+
+    def lookalikes(self, tests: list[str], train: list[str], max_distance: int) -> list[dict]:
+        """Per test image that looks like a training image, its nearest one."""
+        if not tests or not train:
+            return []
+        found = nearest_lookalikes(
+            np.stack([self.hashes[k] for k in tests]),
+            np.stack([self.hashes[k] for k in train]),
+            max_distance,
+        )
+        return [
+            {
+                "test": tests[f.query],
+                "train": train[f.reference],
+                "distance": f.distance,
+                "identical": self.digests[tests[f.query]] == self.digests[train[f.reference]],
+            }
+            for f in found
+        ]
+
+
+def _lookalike_problems(rep: dict[str, Any], counts: dict[str, Any]) -> list[str]:
+    looks = rep["lookalikes"]
+    within = f"hashes within {looks['max_distance']} of {looks['hash_bits']} bits"
+    problems = []
+    if looks["test_defective"]:
+        e = looks["test_defective"][0]
+        problems.append(
+            f"warning: {len(looks['test_defective'])} of {counts['test_defective_total']} "
+            f"defective test images look like good training images (the same part? {within}), "
+            f"e.g. {e['test']} and {e['train']} ({e['distance']} bits): if a training image "
+            "shows the defect, models learn it as normal; review them"
+        )
+    if looks["test_good"]:
+        e = looks["test_good"][0]
+        problems.append(
+            f"warning: {len(looks['test_good'])} of {counts['test_good']} good test images "
+            f"look like training images (the same parts? {within}), e.g. {e['test']} and "
+            f"{e['train']} ({e['distance']} bits): test figures may be optimistic"
+        )
+    if rep["training_copies"]:
+        e = rep["training_copies"][0]
+        problems.append(
+            f"warning: {len(rep['training_copies'])} training images are copies of others "
+            f"(the same pixels), e.g. {e['file']} of {e['copy_of']}: each copy weighs twice"
+        )
+    return problems
+
+
 def _inspect_files(
-    cat_dir: Path, fmt: str, val_fraction: float, seed: int, white: int
+    cat_dir: Path, fmt: str, val_fraction: float, seed: int, white: int, lookalike: int
 ) -> dict[str, Any]:
     scan = scan_category(cat_dir, fmt)
     rep: dict[str, Any] = {"path": str(cat_dir), "format": fmt}
@@ -102,6 +184,7 @@ def _inspect_files(
 
     unreadable: list[dict[str, str]] = []
     image_sizes: dict[str, tuple[int, int]] = {}
+    pictures = _Pictures()
     for sample in [*scan.train_good, *scan.test]:
         assert sample.path is not None
         try:
@@ -110,6 +193,7 @@ def _inspect_files(
             unreadable.append({"file": str(sample.path), "error": str(exc)})
             continue
         image_sizes[sample.key] = (int(img.shape[1]), int(img.shape[0]))
+        pictures.add(sample.key, img)
 
     defects = {
         t: {"count": n, "masks_found": 0, "masks_missing": 0, "masks_empty": 0}
@@ -155,6 +239,12 @@ def _inspect_files(
     rep["unreadable"] = unreadable
     rep["size_mismatches"] = mismatches
     rep["notes"] = list(scan.notes)
+    train_keys = [s.key for s in scan.train_good if s.key in pictures.hashes]
+    rep["training_copies"] = pictures.training_copies(train_keys)
+    rep["lookalikes"] = {"max_distance": lookalike, "hash_bits": HASH_BITS}
+    for name, group in (("test_good", test_good), ("test_defective", defective)):
+        keys = [s.key for s in group if s.key in pictures.hashes]
+        rep["lookalikes"][name] = pictures.lookalikes(keys, train_keys, lookalike)
 
     problems: list[str] = []
     fatal = False
@@ -188,6 +278,7 @@ def _inspect_files(
             f"e.g. {scan.orphan_masks[0]}"
         )
     problems.extend(f"warning: {n}" for n in scan.notes if "ignored" in n)
+    problems.extend(_lookalike_problems(rep, counts))
     rep["_problems"], rep["_fatal"] = problems, fatal
     return rep
 
@@ -231,10 +322,15 @@ def inspect_dataset(
     val_fraction: float = 0.2,
     seed: int = 0,
     bit_depth: int = 8,
+    lookalike: int = MAX_DISTANCE,
 ) -> dict[str, Any]:
     """Open every image and mask of ``root`` (all categories unless ``category``) and report
-    (images of more than 8 bits read as ``bit_depth``'s: ``io.image_array``)."""
+    (images of more than 8 bits read as ``bit_depth``'s: ``io.image_array``). Test images
+    whose perceptual hash lies within ``lookalike`` bits of a training image's are listed
+    as the same part (``data.lookalike``)."""
     white = white_level_for(bit_depth)
+    if not 0 <= lookalike <= HASH_BITS:
+        raise VitqcError(f"--lookalike must be 0 to {HASH_BITS} bits, got {lookalike}")
     root = _require_dir(root)
     targets = _targets(root, format, category)
     per_category: dict[str, dict[str, Any]] = {}
@@ -245,7 +341,7 @@ def inspect_dataset(
             if fmt == "mnist":
                 rep = _inspect_mnist(cat_dir, val_fraction, seed)
             else:
-                rep = _inspect_files(cat_dir, fmt, val_fraction, seed, white)
+                rep = _inspect_files(cat_dir, fmt, val_fraction, seed, white, lookalike)
         except VitqcError as exc:
             rep = {"path": str(cat_dir), "format": fmt, "error": str(exc)}
             rep.update(_problems=[str(exc)], _fatal=True)
@@ -280,6 +376,11 @@ def _sizes_text(sizes: dict[str, Any]) -> str:
 def _short_list(items: list[Any], limit: int = 8) -> str:
     shown = ", ".join(str(i) for i in items[:limit])
     return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def _pair_text(pair: dict[str, Any]) -> str:
+    how = "identical" if pair["identical"] else f"{pair['distance']} bits"
+    return f"{pair['test']} ~ {pair['train']} ({how})"
 
 
 def format_inspection(report: dict[str, Any], width: int = 100) -> str:
@@ -403,6 +504,18 @@ def format_inspection(report: dict[str, Any], width: int = 100) -> str:
             details.append("empty masks: " + _short_list(r["masks_empty"]))
         if r.get("orphan_masks"):
             details.append("masks without an image: " + _short_list(r["orphan_masks"]))
+        for group, what in (("test_defective", "defective"), ("test_good", "good")):
+            pairs = r.get("lookalikes", {}).get(group)
+            if pairs:
+                details.append(
+                    f"{what} test images that look like training images: "
+                    + _short_list([_pair_text(p) for p in pairs], limit=4)
+                )
+        if r.get("training_copies"):
+            details.append(
+                "training copies: "
+                + _short_list([f"{c['file']} = {c['copy_of']}" for c in r["training_copies"]], 4)
+            )
         details.extend(f"note: {n}" for n in r.get("notes", []))
         if details:
             console.print(f"{name}:")
