@@ -191,6 +191,7 @@ def test_bad_inputs_give_one_line_errors(fitted, tmp_path, synth_root):
         ((*fit, "--bit-depth", "7"), ["--bit-depth must be 8 to 16", "got 7"]),
         (("inspect", synth_root, "--bit-depth", "17"), ["--bit-depth must be 8 to 16"]),
         (("inspect", synth_root, "--lookalike", "300"), ["--lookalike must be 0 to 256"]),
+        (("inspect", synth_root, "--figures", bad_image), ["cannot write the figures"]),
         # threshold options
         ((*fit_tile, "--min-area", "3mm2"), ["--mm-per-pixel"]),
         (

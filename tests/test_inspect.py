@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import struct
 import time
 import zlib
@@ -213,6 +214,26 @@ def test_lookalikes_and_training_copies(tmp_path: Path) -> None:
     assert "test/hole/000.png ~ train/good/003.png" in text
     assert "test/good/same.png ~ train/good/006.png (identical)" in text
     assert "train/good/copy.bmp = train/good/002.png" in text
+
+    # the picture a person reviews: the pair side by side, the mask's outline (red) on both
+    from vitqc.data.inspect import write_lookalike_figures
+
+    (figure,) = write_lookalike_figures(report, tmp_path / "figures")
+    assert figure == tmp_path / "figures" / "part" / "test__hole__000.png"
+    picture = np.asarray(Image.open(figure).convert("RGB")).astype(int)
+    red = (picture[..., 0] > 200) & (picture[..., 1] < 60) & (picture[..., 2] < 60)
+    columns = np.nonzero(red.any(0))[0]
+    assert columns.min() < picture.shape[1] / 2 < columns.max()  # on both images
+    # the command line: the JSON on stdout stays clean, the count goes to stderr
+    from typer.testing import CliRunner
+
+    from vitqc.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", str(cat), "--json", "--figures", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["per_category"]["part"]["lookalikes"] == looks
+    assert "1 lookalike pictures written" in result.stderr
+    assert (tmp_path / "part" / "test__hole__000.png").is_file()
 
     # 0 bits: identical hashes only
     strict = inspect_dataset(cat, lookalike=0)["per_category"]["part"]["lookalikes"]

@@ -527,15 +527,27 @@ def inspect(
             "part as a training image's (0: identical hashes only)",
         ),
     ] = MAX_DISTANCE,
+    figures: Annotated[
+        Path | None,
+        typer.Option(
+            help="folder for a picture of each defective test image beside the good training "
+            "image that looks like it"
+        ),
+    ] = None,
 ) -> None:
     """Open every image and mask of DATA and report what was found: unreadable files, masks
     that do not fit, training copies, and test images that show a training image's part."""
-    from vitqc.data.inspect import format_inspection, inspect_dataset
+    from vitqc.data.inspect import format_inspection, inspect_dataset, write_lookalike_figures
 
+    if figures is not None and figures.exists() and not figures.is_dir():
+        raise VitqcError(f"cannot write the figures to {figures}: it is a file, not a folder")
     report = inspect_dataset(
         data, format=fmt, category=category, bit_depth=bit_depth, lookalike=lookalike
     )
     _echo(json.dumps(report, indent=2, default=str) if as_json else format_inspection(report))
+    if figures is not None:
+        written = write_lookalike_figures(report, figures, bit_depth)
+        typer.echo(f"{len(written)} lookalike pictures written to {figures}", err=True)
     if not report["ok"]:
         raise typer.Exit(1)
 

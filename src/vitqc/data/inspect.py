@@ -16,7 +16,8 @@ and masks found/missing/empty), ``image_sizes``, ``masks_found``, ``masks_missin
 ``size_mismatches`` ({file, mask_size, image_size}, sizes as [width, height]), ``notes``,
 ``training_copies`` ({file, copy_of}: training images with the pixels of an earlier one)
 and ``lookalikes`` ({max_distance, hash_bits, test_good, test_defective}: per test image
-that looks like a training image, {test, train, distance, identical}; ``lookalike``).
+that looks like a training image, {test, train, distance, identical}, and the defective
+ones' ``mask``; ``lookalike``).
 ``ok`` is False when a file is unreadable, a mask's size differs from its image, a training
 set is empty or a category cannot be scanned; missing or empty masks are warnings only
 (an empty mask on a defective image is valid: it counts for image metrics).
@@ -245,6 +246,10 @@ def _inspect_files(
     for name, group in (("test_good", test_good), ("test_defective", defective)):
         keys = [s.key for s in group if s.key in pictures.hashes]
         rep["lookalikes"][name] = pictures.lookalikes(keys, train_keys, lookalike)
+    masks = {s.key: s.mask_path for s in defective}
+    for pair in rep["lookalikes"]["test_defective"]:
+        mask = masks[pair["test"]]
+        pair["mask"] = mask.relative_to(cat_dir).as_posix() if mask is not None else None
 
     problems: list[str] = []
     fatal = False
@@ -529,3 +534,36 @@ def format_inspection(report: dict[str, Any], width: int = 100) -> str:
     else:
         console.print("No problems found.")
     return console.export_text()
+
+
+def write_lookalike_figures(
+    report: dict[str, Any], out: str | Path, bit_depth: int = 8
+) -> list[Path]:
+    """One PNG per defective test image that looks like a good training image (the two
+    side by side, ``figures.save_lookalike_panel``), under ``out/<category>/``."""
+    from vitqc.report.figures import save_lookalike_panel
+
+    white = white_level_for(bit_depth)
+    written = []
+    for name, rep in report["per_category"].items():
+        root = Path(rep["path"])
+        for pair in rep.get("lookalikes", {}).get("test_defective", []):
+            mask = read_mask(root / pair["mask"]) if pair["mask"] else None
+            path = Path(out) / name / (pair["test"].replace("/", "__").rsplit(".", 1)[0] + ".png")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise VitqcError(f"cannot write the figures to {path.parent}: {exc}") from exc
+            how = (
+                "identical pixels" if pair["identical"] else f"hashes {pair['distance']} bits apart"
+            )
+            save_lookalike_panel(
+                path,
+                read_image(root / pair["test"], white),
+                mask,
+                read_image(root / pair["train"], white),
+                f"{name}: {pair['test']} and {pair['train']} ({how} of {HASH_BITS})\n"
+                "does the training image show the defect?",
+            )
+            written.append(path)
+    return written

@@ -107,3 +107,34 @@ def save_evaluation_panel(
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
+
+
+def save_lookalike_panel(
+    path: str | Path,
+    test_image: np.ndarray,
+    mask: np.ndarray | None,
+    train_image: np.ndarray,
+    title: str,
+) -> None:
+    """A defective test image beside the good training image that looks like it, as one
+    PNG, for a person to judge whether the training picture shows the defect too. The
+    mask's outline is drawn on both (scaled to the training image's size: where to look,
+    as far as the two pictures are framed alike)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6))
+    for ax, image, label in (
+        (axes[0], test_image, "defective test image (outline: its mask)"),
+        (axes[1], train_image, "good training image (the same outline)"),
+    ):
+        shown = image.copy()
+        if mask is not None and mask.any():
+            outline = resize_to(mask.astype(np.float32), image.shape[:2]) > 0.5
+            outline = ndimage.binary_dilation(outline & ~ndimage.binary_erosion(outline))
+            shown[outline] = (255, 0, 0)
+        ax.imshow(shown)
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
