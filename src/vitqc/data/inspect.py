@@ -150,13 +150,8 @@ def _lookalike_problems(rep: dict[str, Any], counts: dict[str, Any]) -> list[str
             f"e.g. {e['test']} and {e['train']} ({e['distance']} bits): if a training image "
             "shows the defect, models learn it as normal; review them"
         )
-    if looks["test_good"]:
-        e = looks["test_good"][0]
-        problems.append(
-            f"warning: {len(looks['test_good'])} of {counts['test_good']} good test images "
-            f"look like training images (the same parts? {within}), e.g. {e['test']} and "
-            f"{e['train']} ({e['distance']} bits): test figures may be optimistic"
-        )
+    # good test images like training ones are listed, not warned of: parts of one kind
+    # photographed alike (an aligned object) can be as close as one part photographed twice
     if rep["training_copies"]:
         e = rep["training_copies"][0]
         problems.append(
@@ -509,13 +504,19 @@ def format_inspection(report: dict[str, Any], width: int = 100) -> str:
             details.append("empty masks: " + _short_list(r["masks_empty"]))
         if r.get("orphan_masks"):
             details.append("masks without an image: " + _short_list(r["orphan_masks"]))
-        for group, what in (("test_defective", "defective"), ("test_good", "good")):
-            pairs = r.get("lookalikes", {}).get(group)
-            if pairs:
-                details.append(
-                    f"{what} test images that look like training images: "
-                    + _short_list([_pair_text(p) for p in pairs], limit=4)
-                )
+        looks = r.get("lookalikes", {})
+        if looks.get("test_defective"):
+            details.append(
+                "defective test images that look like good training images (does the training "
+                "image show the defect?): "
+                + _short_list([_pair_text(p) for p in looks["test_defective"]], limit=4)
+            )
+        if looks.get("test_good"):
+            details.append(
+                f"{len(looks['test_good'])} of {r['counts']['test_good']} good test images look "
+                "like training images (if the same parts, test figures are optimistic): "
+                + _short_list([_pair_text(p) for p in looks["test_good"]], limit=4)
+            )
         if r.get("training_copies"):
             details.append(
                 "training copies: "
