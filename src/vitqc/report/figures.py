@@ -77,6 +77,15 @@ def save_png(array: np.ndarray, path: str | Path) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
+def _save_figure(fig: plt.Figure, title: str, path: str | Path) -> None:
+    """Title ``fig``, write it as a PNG (temp file, then rename) and free it."""
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
 def save_evaluation_panel(
     path: str | Path,
     image: np.ndarray,
@@ -102,11 +111,7 @@ def save_evaluation_panel(
     axes[3].set_title("above threshold")
     for ax in axes:
         ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    _save_figure(fig, title, path)
 
 
 def save_lookalike_panel(
@@ -133,8 +138,4 @@ def save_lookalike_panel(
         ax.imshow(shown)
         ax.set_title(label, fontsize=9)
         ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
+    _save_figure(fig, title, path)
