@@ -250,16 +250,9 @@ class ResultsStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``; any exception (Ctrl-C too) rolls back."""
-        self.conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
-            raise
-        self.conn.execute("COMMIT")
+        return _write_transaction(self.conn)
 
     @property
     def artifacts_dir(self) -> Path:
@@ -386,24 +379,37 @@ class ResultsStore:
         return row is not None and row[0] == "ok"
 
 
-def _upgrade(conn: sqlite3.Connection) -> None:
-    """Bring an older database to ``SCHEMA_VERSION`` in one transaction (its rows kept),
-    under the write lock: another process may be upgrading it at the same time."""
+@contextlib.contextmanager
+def _write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` (the write lock) ... ``COMMIT``; any exception (Ctrl-C too)
+    rolls back."""
     conn.execute("BEGIN IMMEDIATE")
     try:
-        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-        while version < SCHEMA_VERSION:
-            _MIGRATIONS[version](conn)
-            version += 1
-        conn.execute(
-            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
-        )
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        yield conn
     except BaseException:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _stamp_schema(conn: sqlite3.Connection) -> None:
+    """Mark the database as ``SCHEMA_VERSION`` (``meta`` and ``PRAGMA user_version``)."""
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
+        (str(SCHEMA_VERSION),),
+    )
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring an older database to ``SCHEMA_VERSION`` in one transaction (its rows kept),
+    under the write lock: another process may be upgrading it at the same time."""
+    with _write_transaction(conn):
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        while version < SCHEMA_VERSION:
+            _MIGRATIONS[version](conn)
+            version += 1
+        _stamp_schema(conn)
 
 
 def open_store(path: str | Path = DEFAULT_DB, create: bool = True) -> ResultsStore:
@@ -432,14 +438,12 @@ def open_store(path: str | Path = DEFAULT_DB, create: bool = True) -> ResultsSto
         if version == 0:
             # under the write lock: another process may have created the schema since
             # the version was read (it commits tables and version together)
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _write_transaction(conn):
                 version = int(conn.execute("PRAGMA user_version").fetchone()[0])
                 has_tables = conn.execute(
                     "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'"
                 ).fetchone()[0]
                 if version:  # created meanwhile
-                    conn.execute("COMMIT")
                     return ResultsStore(path, conn)
                 if has_tables:
                     raise VitqcError(f"{path} is an SQLite file but not a vitqc results database")
@@ -449,18 +453,10 @@ def open_store(path: str | Path = DEFAULT_DB, create: bool = True) -> ResultsSto
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
-                    (str(SCHEMA_VERSION),),
-                )
-                conn.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('created_at', ?)",
                     (now_iso(),),
                 )
-                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                _stamp_schema(conn)
         elif version < SCHEMA_VERSION:
             _upgrade(conn)
     except sqlite3.DatabaseError as exc:

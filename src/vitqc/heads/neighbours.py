@@ -253,6 +253,12 @@ _INT8_MAX = 127
 _BANK_MAX = 64
 
 
+def _bank_step(scale: float) -> float:
+    """The int8 rows' quantization step for queries quantized by ``scale``: ``scale`` x
+    127 / 64, so the rows' values stay within ``_BANK_MAX``."""
+    return scale * _INT8_MAX / _BANK_MAX
+
+
 @dataclass(frozen=True)
 class Int8Bank:
     """The bank as the int8 search takes it.
@@ -279,9 +285,8 @@ class Int8Bank:
 
     @property
     def bank_scale(self) -> float:
-        """The rows' quantization step: ``scale`` x 127 / 64 (values within
-        ``_BANK_MAX``)."""
-        return self.scale * _INT8_MAX / _BANK_MAX
+        """The rows' quantization step (``_bank_step``)."""
+        return _bank_step(self.scale)
 
     def keys(self, queries: torch.Tensor) -> torch.Tensor:
         """The queries ``[n, D]`` as the rows' columns take them: projected, if the
@@ -311,7 +316,7 @@ def int8_search_bank(
     bank, bank_sq, axes = on_principal_axes(bank, bank_sq, dims)
     m, d = bank.shape
     scale = max(float(bank.abs().max()), 1e-12) / _INT8_MAX  # the queries' step
-    bank_scale = scale * _INT8_MAX / _BANK_MAX  # Int8Bank.bank_scale
+    bank_scale = _bank_step(scale)
     quantized = torch.round(bank / bank_scale).clamp(-_BANK_MAX, _BANK_MAX)
     folded = torch.round(bank_sq.double() / (2 * scale * bank_scale))
     # c = 127 * coarse + fine, each part spread over columns of at most _BANK_MAX
